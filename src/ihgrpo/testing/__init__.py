@@ -1,0 +1,1 @@
+"""Test support: stand-ins that let the library be exercised offline (no model hub)."""
