@@ -122,17 +122,22 @@ def find_code_blocks(text: str) -> list[CodeBlock]:
     return list(_iter_blocks(text, final=True))
 
 
-def pending_code(window_text: str, *, execute_token: str = EXECUTE_TOKEN) -> str | None:
-    """Code to run for one execution: the window's closed python blocks joined with newlines.
+def pending_blocks(window_text: str, *, execute_token: str = EXECUTE_TOKEN) -> list[str]:
+    """The code of every block pending for one execution, in order.
 
     ``window_text`` is the model's own text since the previous execution (observations excluded).
     A trailing execute token is ignored, so ```` ```<tool_call> ```` still closes the block whether
-    or not the caller included E in the text. Blank blocks are dropped; None if nothing is left.
+    or not the caller included E in the text. Blank blocks are dropped.
     """
     text = window_text.rstrip()
     if execute_token and text.endswith(execute_token):
         text = text[: -len(execute_token)]
-    codes = [b.code for b in find_code_blocks(text) if b.code.strip()]
+    return [b.code for b in find_code_blocks(text) if b.code.strip()]
+
+
+def pending_code(window_text: str, *, execute_token: str = EXECUTE_TOKEN) -> str | None:
+    """Code to run for one execution: the pending blocks joined with newlines; None if none."""
+    codes = pending_blocks(window_text, execute_token=execute_token)
     return "\n".join(codes) if codes else None
 
 
