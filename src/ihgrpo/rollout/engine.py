@@ -1,0 +1,369 @@
+"""Multi-turn rollouts, token in and token out (SPEC section 2).
+
+A trajectory is built only by appending token ids: the prompt (from the chat template), the
+ids the generator sampled (mask 1, with their log-probs), and observation ids (mask 0).
+Model tokens are decoded to find code and answers, never re-encoded.
+
+The engine batches every live trajectory into one generator call per round. After a round,
+the code of the trajectories that stopped at E runs concurrently in the sandbox pool; a slow
+execution holds back only its own trajectory: the others go on once `straggler_wait_s` passes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, build_prompt, coupled_block_end,
+                             extract_boxed, format_observation, is_void, next_action,
+                             pending_blocks)
+
+from .generator import GenerationOutput, Generator, SamplingParams
+
+CODE_FENCE_STOP = "```\n"  # coupled protocol: a fence line closed; the protocol decides if it was python
+
+
+@dataclass
+class TurnRecord:
+    """One generation turn and what happened after it."""
+
+    text: str  # the model's text of this turn (E and EOS included as text)
+    end: TurnEnd
+    n_tokens: int
+    code: str | None = None  # what was run after this turn (None: nothing ran)
+    blocks_run: int = 0
+    output: str | None = None  # the observation text appended after it
+    ok: bool | None = None
+    timed_out: bool = False
+    state_lost: bool = False
+    exec_time_s: float = 0.0
+
+
+@dataclass
+class Trajectory:
+    uid: str
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: observation
+    logprobs: list[float] = field(default_factory=list)  # 0.0 where mask is 0
+    turns: list[TurnRecord] = field(default_factory=list)
+    finished: bool = False  # the model stopped (EOS) or the turn cap was reached
+    truncated: bool = False  # a token budget ran out
+    void: bool = False  # stopped by EOS with no \boxed answer
+    answer: str | None = None
+    reward: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_text(self) -> str:
+        return "".join(t.text for t in self.turns)
+
+    @property
+    def executions(self) -> int:
+        return sum(t.code is not None for t in self.turns)
+
+    @property
+    def model_tokens(self) -> int:
+        return sum(self.mask)
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.truncated
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "delayed"  # "delayed" (D) or "coupled" (C)
+    max_turns: int = 5  # generation turns per trajectory
+    max_response_tokens: int = 8000  # model + observation tokens after the prompt
+    max_tokens_per_turn: int | None = None  # None: up to the response budget
+    max_observation_tokens: int = 256
+    observation_max_chars: int = 2048
+    exec_timeout_s: float | None = None  # None: the pool's timeout
+    # None: a round waits for every execution, so batches (and seeded samples) do not depend on
+    # timing. A number: after the first result, wait at most this long; slower executions join a
+    # later round (faster under slow code, but no longer bit-for-bit reproducible).
+    straggler_wait_s: float | None = None
+    execute_token: str = EXECUTE_TOKEN
+    instruction: str | None = None  # None: the protocol's default for the mode
+    enable_thinking: bool = False  # Qwen3: non-thinking mode
+
+    def __post_init__(self) -> None:
+        Mode(self.mode)  # raises on an unknown mode
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if self.max_response_tokens < 1:
+            raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
+
+
+class ChatFormat:
+    """Prompt ids through the tokenizer's chat template; observation ids at the token level."""
+
+    def __init__(self, tokenizer, *, execute_token: str = EXECUTE_TOKEN, enable_thinking: bool = False,
+                 eos_token_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.enable_thinking = enable_thinking
+        ids = tokenizer.encode(execute_token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"the execute token {execute_token!r} must be one token of the "
+                             f"vocabulary; the tokenizer splits it into {ids}")
+        self.execute_token = execute_token
+        self.execute_token_id = ids[0]
+        eos = list(eos_token_ids or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError("no EOS token: pass eos_token_ids or use a tokenizer with an eos_token")
+        self.eos_token_ids = eos
+        # Text that would become a control token if an observation contained it verbatim.
+        self._control = sorted({t for t in tokenizer.all_special_tokens if t} | {execute_token},
+                               key=len, reverse=True)
+
+    def prompt_ids(self, user_content: str) -> list[int]:
+        messages = [{"role": "user", "content": user_content}]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=self.enable_thinking)
+        else:  # a plain LM: the instruction is the prompt
+            text = user_content
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def model_text(self, ids: list[int]) -> str:
+        """A turn's text for parsing: EOS tokens are not part of what the model wrote."""
+        if ids and ids[-1] in self.eos_token_ids:
+            ids = ids[:-1]
+        return self.decode(ids)
+
+    def defang(self, text: str) -> str:
+        """Keep program output from turning into control tokens (e.g. a printed E)."""
+        for tok in self._control:
+            if tok in text:
+                text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+        return text
+
+    def observation_ids(self, result, *, nothing_pending: bool, max_tokens: int, max_chars: int) -> tuple[str, list[int]]:
+        """The observation's text and ids, at most `max_tokens` ids (head and tail kept)."""
+        if result is not None:
+            result = _Defanged(result, self.defang)
+        text = format_observation(result, max_chars=max_chars, nothing_pending=nothing_pending)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        while len(ids) > max_tokens and max_chars > 16:
+            max_chars = max(16, int(max_chars * max_tokens / len(ids) * 0.9))
+            text = format_observation(result, max_chars=max_chars, nothing_pending=nothing_pending)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return text, ids
+
+
+class _Defanged:
+    def __init__(self, result, fix):
+        self._r, self._fix = result, fix
+
+    def __getattr__(self, name):
+        value = getattr(self._r, name)
+        return self._fix(value) if name in ("stdout", "stderr", "error") and isinstance(value, str) else value
+
+
+class RolloutEngine:
+    """Runs G rollouts per question through the delayed or coupled protocol."""
+
+    def __init__(self, generator: Generator, tokenizer, pool, config: RolloutConfig | None = None, *,
+                 eos_token_ids: list[int] | None = None):
+        self.generator = generator
+        self.pool = pool
+        self.config = config or RolloutConfig()
+        self.chat = ChatFormat(tokenizer, execute_token=self.config.execute_token,
+                               enable_thinking=self.config.enable_thinking, eos_token_ids=eos_token_ids)
+        self._batches = itertools.count()
+        self._run_id = uuid.uuid4().hex[:8]
+        self.last_timing: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ entry points
+    def rollout(self, questions: list[str], group_size: int, params: SamplingParams) -> list[Trajectory]:
+        """`group_size` trajectories per question, grouped in order (question-major)."""
+        prompts = [self.chat.prompt_ids(build_prompt(q, self.config.mode, instruction=self.config.instruction,
+                                                     execute_token=self.config.execute_token))
+                   for q in questions]
+        return self.rollout_ids(prompts, group_size, params)
+
+    def rollout_ids(self, prompts: list[list[int]], group_size: int, params: SamplingParams) -> list[Trajectory]:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        batch = next(self._batches)
+        trajs = [Trajectory(uid=f"{self._run_id}-b{batch}-p{i}-s{k}", prompt_index=i, sample_index=k,
+                            prompt_ids=list(p))
+                 for i, p in enumerate(prompts) for k in range(group_size)]
+        self.run(trajs, params)
+        return trajs
+
+    def run(self, trajs: list[Trajectory], params: SamplingParams) -> None:
+        """Drives the trajectories to their end, in place."""
+        cfg = self.config
+        coupled = Mode(cfg.mode) is Mode.COUPLED
+        stop_ids = tuple(dict.fromkeys((*params.stop_token_ids, *self.chat.eos_token_ids,
+                                        *(() if coupled else (self.chat.execute_token_id,)))))
+        stop_strings = tuple(dict.fromkeys((*params.stop_strings, *((CODE_FENCE_STOP,) if coupled else ()))))
+        turn_params = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                     max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
+                                     stop_strings=stop_strings, seed=params.seed)
+        per_turn = cfg.max_tokens_per_turn or cfg.max_response_tokens
+        window = {t.uid: "" for t in trajs}  # model text since the last execution
+        partial: dict[str, list] = {}  # coupled: a turn continued after a non-python fence closed
+        ready = [t for t in trajs if not t.done]
+        running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
+        gen_time = exec_wait = 0.0
+        executor = cf.ThreadPoolExecutor(max(1, getattr(self.pool, "max_workers", 4)),
+                                         thread_name_prefix="ihgrpo-exec")
+        try:
+            while ready or running:
+                if ready:
+                    t0 = time.perf_counter()
+                    budgets = [min(per_turn, cfg.max_response_tokens - len(t.response_ids)) for t in ready]
+                    outs = self.generator.generate([t.prompt_ids + t.response_ids for t in ready], turn_params,
+                                                   budgets, request_ids=[t.uid for t in ready])
+                    gen_time += time.perf_counter() - t0
+                    next_ready = []
+                    for traj, out, budget in zip(ready, outs, budgets):
+                        job = self._after_turn(traj, out, budget, window, partial, coupled)
+                        if job == "continue":
+                            next_ready.append(traj)
+                        elif job is not None:
+                            code, record = job
+                            fut = executor.submit(self.pool.execute_sync, traj.uid, code,
+                                                  timeout_s=cfg.exec_timeout_s)
+                            running[fut] = (traj, record)
+                    ready = next_ready
+                if running:
+                    t0 = time.perf_counter()
+                    if cfg.straggler_wait_s is None:  # deterministic: every execution joins the next round
+                        done, _ = cf.wait(running)
+                    elif ready:  # others can generate now: collect only what is already finishing
+                        done, _ = cf.wait(running, timeout=min(0.02, cfg.straggler_wait_s))
+                    else:  # the first result, then a short window for the rest; stragglers join later
+                        cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                        done, _ = cf.wait(running, timeout=cfg.straggler_wait_s)
+                    exec_wait += time.perf_counter() - t0
+                    for fut in done:
+                        traj, record = running.pop(fut)
+                        self._observe(traj, record, fut.result())
+                        if not traj.done:
+                            ready.append(traj)
+                    ready.sort(key=lambda t: (t.prompt_index, t.sample_index))
+        finally:
+            executor.shutdown(wait=True)
+            for t in trajs:
+                self._end_session(t.uid)
+        for t in trajs:
+            t.answer = extract_boxed(t.model_text)
+            t.void = is_void(t.model_text, t.finished and bool(t.turns) and t.turns[-1].end is TurnEnd.EOS)
+        self.last_timing = {"generate_time_s": gen_time, "exec_wait_time_s": exec_wait}
+
+    # ------------------------------------------------------------------ one turn
+    def _after_turn(self, traj: Trajectory, out: GenerationOutput, budget: int, window: dict,
+                    partial: dict, coupled: bool):
+        """Appends a turn's tokens; returns (code, record) to execute, "continue", or None."""
+        cfg = self.config
+        ids = list(out.token_ids)
+        if len(ids) != len(out.logprobs):
+            raise ValueError(f"generator returned {len(ids)} ids but {len(out.logprobs)} log-probs")
+        traj.response_ids += ids
+        traj.mask += [1] * len(ids)
+        traj.logprobs += [float(x) for x in out.logprobs]
+        # A coupled turn may be continued after a non-python fence: it is still one turn.
+        prev_ids = partial.pop(traj.uid, [])
+        turn_ids = prev_ids + ids
+        text = self.chat.model_text(turn_ids)
+        last = ids[-1] if ids else None
+        if out.finish_reason == "stop_token" and last == self.chat.execute_token_id:
+            end = TurnEnd.EXECUTE
+        elif out.finish_reason == "stop_token" and last in self.chat.eos_token_ids:
+            end = TurnEnd.EOS
+        elif out.finish_reason == "stop_string" and coupled and coupled_block_end(window[traj.uid] + text) is not None:
+            end = TurnEnd.CODE_BLOCK
+        elif out.finish_reason == "stop_string" and coupled and len(traj.response_ids) < cfg.max_response_tokens \
+                and len(turn_ids) < (cfg.max_tokens_per_turn or cfg.max_response_tokens):
+            partial[traj.uid] = turn_ids  # a non-python fence closed: keep generating this turn
+            return "continue"
+        elif out.finish_reason == "stop_token":  # a caller-given stop id: treat like EOS
+            end = TurnEnd.EOS
+        else:
+            end = TurnEnd.BUDGET
+        record = TurnRecord(text=self.chat.decode(turn_ids), end=end, n_tokens=len(turn_ids))
+        traj.turns.append(record)
+        window[traj.uid] += text
+        action = next_action(end, len(traj.turns), cfg.max_turns)
+        if end is TurnEnd.BUDGET or len(traj.response_ids) >= cfg.max_response_tokens and action == "execute":
+            traj.truncated = True
+            return None
+        if action == "stop":
+            traj.finished = True
+            return None
+        blocks = pending_blocks(window[traj.uid], execute_token=self.chat.execute_token)
+        window[traj.uid] = ""
+        record.blocks_run = len(blocks)
+        if not blocks:  # E with nothing pending: say so, run nothing
+            self._observe(traj, record, None)
+            return "continue" if not traj.done else None
+        record.code = "\n".join(blocks)
+        return record.code, record
+
+    def _observe(self, traj: Trajectory, record: TurnRecord, result) -> None:
+        cfg = self.config
+        text, ids = self.chat.observation_ids(result, nothing_pending=result is None,
+                                              max_tokens=cfg.max_observation_tokens,
+                                              max_chars=cfg.observation_max_chars)
+        record.output = text
+        if result is not None:
+            record.ok, record.timed_out = bool(result.ok), bool(result.timed_out)
+            record.state_lost = bool(getattr(result, "state_lost", False))
+            record.exec_time_s = float(getattr(result, "duration_s", 0.0))
+        if len(traj.response_ids) + len(ids) >= cfg.max_response_tokens:
+            traj.truncated = True  # no room to continue after the observation
+            return
+        traj.response_ids += ids
+        traj.mask += [0] * len(ids)
+        traj.logprobs += [0.0] * len(ids)
+
+    def _end_session(self, uid: str) -> None:
+        try:
+            self.pool.end_session_sync(uid)
+        except Exception:  # the pool may be closing; nothing to free then
+            pass
+
+
+def batch_stats(trajs: list[Trajectory], *, elapsed_s: float | None = None) -> dict[str, float]:
+    """SPEC section 5 rollout statistics for a batch."""
+    n = max(1, len(trajs))
+    execs = [r for t in trajs for r in t.turns if r.code is not None]
+    blocks = sum(r.blocks_run for r in execs)
+    model_tokens = sum(t.model_tokens for t in trajs)
+    stats = {
+        "trajectories": float(len(trajs)),
+        "turns_per_trajectory": sum(len(t.turns) for t in trajs) / n,
+        "tool_calls_per_trajectory": len(execs) / n,
+        "code_using_fraction": sum(t.executions > 0 for t in trajs) / n,
+        "blocks_per_execution": blocks / len(execs) if execs else 0.0,
+        # the share of blocks that waited for a later block's execution instead of running at once
+        "delay_call_rate": sum(r.blocks_run - 1 for r in execs) / blocks if blocks else 0.0,
+        "exec_success_rate": sum(bool(r.ok) for r in execs) / len(execs) if execs else 0.0,
+        "code_error_rate": sum(not r.ok for r in execs) / len(execs) if execs else 0.0,
+        "exec_timeout_rate": sum(r.timed_out for r in execs) / len(execs) if execs else 0.0,
+        "truncated_fraction": sum(t.truncated for t in trajs) / n,
+        "void_fraction": sum(t.void for t in trajs) / n,
+        "response_tokens": model_tokens / n,
+        "response_tokens_with_observations": sum(len(t.response_ids) for t in trajs) / n,
+    }
+    rewards = [t.reward for t in trajs if t.reward is not None]
+    if rewards:
+        stats["accuracy"] = sum(rewards) / len(rewards)
+    if elapsed_s:
+        stats["tokens_per_s"] = model_tokens / elapsed_s
+    return stats

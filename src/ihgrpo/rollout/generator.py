@@ -1,0 +1,59 @@
+"""The narrow interface between the rollout engine and a token generator.
+
+Prefix token ids in; continuation ids and their log-probs out. Backends: Hugging Face
+transformers (`HFGenerator`), a scripted player for tests (`ScriptedGenerator`); the interface
+is kept small enough for a vLLM backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one turn.
+
+    `logprobs` returned by a generator are log-probabilities of the sampled tokens under the
+    temperature-scaled distribution, before top-p / top-k truncation (what the loss uses).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 512
+    stop_token_ids: tuple[int, ...] = ()  # generation stops after one of these (it is kept)
+    stop_strings: tuple[str, ...] = ()  # ... or once the decoded continuation contains one
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    # "stop_token" (last id is in stop_token_ids), "stop_string", or "length"
+    finish_reason: str
+    stop_string: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Generator(abc.ABC):
+    """Generates continuations for a batch of token-id prefixes."""
+
+    @abc.abstractmethod
+    def generate(self, prefixes: list[list[int]], params: SamplingParams,
+                 max_new_tokens: list[int] | None = None, *,
+                 request_ids: list[str] | None = None) -> list[GenerationOutput]:
+        """One continuation per prefix. `max_new_tokens` overrides params.max_new_tokens per
+        prefix; `request_ids` name the trajectories (for logging, caching or scripted play)."""
