@@ -256,7 +256,8 @@ def test_memory_bomb_is_contained(pool):
     r = pool.execute_sync("mem", "x = bytearray(4 * 1024**3)")
     assert not r.ok and "MemoryError" in r.error
     r = pool.execute_sync("mem", "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024**2))")
-    assert not r.ok and ("MemoryError" in r.error or r.crashed)
+    # a MemoryError when the limit is hit (or, on a loaded machine, the time limit first)
+    assert not r.ok and ("MemoryError" in r.error or r.crashed or r.timed_out)
     r = pool.execute_sync("mem", "del chunks\nalive")
     assert r.stdout == "True\n" or r.state_lost
     serving(pool)
