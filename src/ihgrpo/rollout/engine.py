@@ -12,6 +12,7 @@ execution holds back only its own trajectory: the others go on once `straggler_w
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import itertools
 import time
 import uuid
@@ -220,6 +221,7 @@ class RolloutEngine:
         ready = [t for t in trajs if not t.done]
         running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
         gen_time = exec_wait = 0.0
+        rounds = 0
         executor = cf.ThreadPoolExecutor(max(1, getattr(self.pool, "max_workers", 4)),
                                          thread_name_prefix="ihgrpo-exec")
         try:
@@ -227,6 +229,9 @@ class RolloutEngine:
                 if ready:
                     t0 = time.perf_counter()
                     budgets = [min(per_turn, cfg.max_response_tokens - len(t.response_ids)) for t in ready]
+                    if params.seed is not None:  # a fresh, reproducible stream for every round
+                        turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + rounds)
+                    rounds += 1
                     outs = self.generator.generate([t.prompt_ids + t.response_ids for t in ready], turn_params,
                                                    budgets, request_ids=[t.uid for t in ready])
                     gen_time += time.perf_counter() - t0
