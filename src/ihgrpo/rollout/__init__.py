@@ -4,5 +4,13 @@ from .engine import ChatFormat, RolloutConfig, RolloutEngine, Trajectory, TurnRe
 from .generator import GenerationOutput, Generator, SamplingParams
 from .scripted import ScriptedGenerator
 
-__all__ = ["ChatFormat", "GenerationOutput", "Generator", "RolloutConfig", "RolloutEngine",
+
+def __getattr__(name):  # HFGenerator pulls in transformers: import it only when asked for
+    if name == "HFGenerator":
+        from .hf import HFGenerator
+
+        return HFGenerator
+    raise AttributeError(name)
+
+__all__ = ["ChatFormat", "GenerationOutput", "Generator", "HFGenerator", "RolloutConfig", "RolloutEngine",
            "SamplingParams", "ScriptedGenerator", "Trajectory", "TurnRecord", "batch_stats"]
