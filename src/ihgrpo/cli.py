@@ -1,23 +1,67 @@
-"""Command line: `ihgrpo demo` (more commands arrive with the trainer and the evaluator)."""
+"""Command line: `ihgrpo train | demo`.
+
+    ihgrpo train CONFIG [key=value ...]   CONFIG: a YAML path or a packaged name (qwen3-1.7b, ...)
+    ihgrpo demo [--out DIR]               the embedded main job
+
+Configuration, data and model errors print one line and exit with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    from ihgrpo.config import ConfigError
+    from ihgrpo.data import DataError
+    from ihgrpo.sandbox import SandboxUnavailable
+    from ihgrpo.trainer import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ihgrpo.config import load_config
+    from ihgrpo.trainer import GRPOTrainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = GRPOTrainer(cfg)
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
+    if history:
+        last = history[-1]
+        print(f"done: step {last['step']}, reward {last.get('reward', 0):.3f}; metrics in "
+              f"{cfg.output_dir}/metrics.jsonl")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ihgrpo.demo.walkthrough import main as walkthrough
+
+    return walkthrough(args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ihgrpo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ihgrpo", description="IH-GRPO: train and evaluate "
+                                     "language models that reason with deferred code execution.")
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="RL training (GRPO / IH-GRPO)")
+    train.add_argument("config", help="a YAML path or a packaged config name")
+    train.add_argument("overrides", nargs="*", help="key=value overrides (e.g. algo.lam=0 max_steps=10)")
     demo = sub.add_parser("demo", help="run the embedded main job")
     demo.add_argument("--out", default=None, help="directory for the outputs")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from ihgrpo.demo.walkthrough import main as walkthrough
-
-        return walkthrough(args.out)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
-    return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"train": cmd_train, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except _usage_errors() as exc:
+        print(f"ihgrpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
