@@ -1,0 +1,627 @@
+"""The GRPO loop, readable top to bottom (SPEC sections 3, 4 and 6).
+
+One RL step:
+  1. take prompts (oversampling when dynamic sampling drops groups),
+  2. roll out G trajectories per prompt through the delayed (or coupled) protocol,
+  3. reward each trajectory (math-verify) and compute group-relative advantages,
+  4. drop groups whose rewards are all equal (DAPO dynamic sampling),
+  5. update the policy with the IH-GRPO loss: micro-batches, gradient accumulation, grad clip,
+  6. log metrics.jsonl, save a checkpoint every `save_every` steps (atomically).
+
+Distribution goes through `accelerate`: each process rolls out its share of the prompts and the
+loss is normalised by global counts, so N processes compute the same update as one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ihgrpo.config import ConfigError, TrainConfig, dump_config
+from ihgrpo.data import Example, PromptSampler, load_examples
+from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
+from ihgrpo.rollout import RolloutConfig, RolloutEngine, SamplingParams, Trajectory, batch_stats
+from ihgrpo.rollout.hf import HFGenerator
+from ihgrpo.sandbox import SandboxPool
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The model or tokenizer cannot be loaded; the message names the path."""
+
+
+# ----------------------------------------------------------------------------- model
+def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
+                             attn_implementation: str | None = None):
+    """A causal LM and its tokenizer from a local directory or a Hugging Face name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path:
+        raise ModelLoadError("no model given (model.path)")
+    local = os.path.exists(path)
+    if not local and (path.startswith(("/", ".", "~")) or os.sep + os.sep in path or path.count("/") > 1):
+        raise ModelLoadError(f"model path {path!r} does not exist")
+    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    kw = {"trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kw)
+    except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
+        where = "local directory" if local else "model (not a local directory; the hub is needed)"
+        raise ModelLoadError(f"cannot load {where} {path!r}: {str(exc).splitlines()[0][:200]}") from None
+    return model, tokenizer
+
+
+class PolicyStats(nn.Module):
+    """Wraps a causal LM so that one forward returns log p(y), log p(E), z_E per token.
+
+    The output layer runs in chunks (no [B, T, V] logits). Being a module, it goes through
+    accelerate's DDP/FSDP wrapper, so gradient synchronisation works as usual.
+    """
+
+    def __init__(self, model: nn.Module, execute_token_id: int, chunk_size: int = 1024, temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.execute_token_id = execute_token_id
+        self.chunk_size = chunk_size
+        self.temperature = temperature
+
+    def forward(self, input_ids, attention_mask, labels, compute_entropy: bool = False):
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        stats = chunked_token_stats(hidden[:, :-1], head.weight, labels, self.execute_token_id,
+                                    chunk_size=self.chunk_size, compute_entropy=compute_entropy,
+                                    lm_head_bias=getattr(head, "bias", None), temperature=self.temperature)
+        return stats
+
+
+# ----------------------------------------------------------------------------- rewards
+def make_reward_fn(kind: str, timeout_s: float):
+    """answers, golds -> rewards in {0, 1}."""
+    if kind == "exact":
+        def exact(answers, golds):
+            return [float(a is not None and _norm(a) == _norm(g)) for a, g in zip(answers, golds)]
+        return exact, None
+    from ihgrpo.rewards import RewardVerifier
+
+    verifier = RewardVerifier(timeout_s=timeout_s)
+    return (lambda answers, golds: verifier.verify_batch(answers, golds)), verifier
+
+
+def _norm(s: str) -> str:
+    return s.strip().replace(" ", "").rstrip(".").replace(",", "")
+
+
+def group_advantages(rewards: list[float], group_size: int, *, std_normalize: bool = True) -> list[float]:
+    """A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-6); Dr.GRPO: no division by std."""
+    out = []
+    for g in range(0, len(rewards), group_size):
+        r = torch.tensor(rewards[g:g + group_size], dtype=torch.float64)
+        a = r - r.mean()
+        if std_normalize:
+            a = a / (r.std(unbiased=False) + 1e-6)
+        out.extend(a.tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, L] prompt + response, right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L-1] the next token at each position
+    mask: torch.Tensor  # [B, L-1] 1 where the label was sampled by the policy (and kept)
+    advantages: torch.Tensor  # [B]
+    decision: torch.Tensor | None = None  # [B, L-1] the "decision" c-mask
+
+
+def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep: list[bool],
+            execute_token_id: int, fence_close_ids: tuple[int, ...] = ()) -> TrainBatch:
+    length = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    B = len(trajs)
+    ids = torch.full((B, length), pad_id, dtype=torch.long)
+    att = torch.zeros((B, length), dtype=torch.long)
+    lmask = torch.zeros((B, length), dtype=torch.float32)
+    for i, t in enumerate(trajs):
+        seq = t.prompt_ids + t.response_ids
+        ids[i, :len(seq)] = torch.tensor(seq)
+        att[i, :len(seq)] = 1
+        if keep[i]:
+            p = len(t.prompt_ids)
+            lmask[i, p:p + len(t.response_ids)] = torch.tensor(t.mask, dtype=torch.float32)
+    labels = ids[:, 1:].clone()
+    mask = lmask[:, 1:]
+    decision = decision_c_mask(labels, mask, execute_token_id, fence_close_ids=fence_close_ids)
+    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision)
+
+
+# ----------------------------------------------------------------------------- trainer
+class GRPOTrainer:
+    """GRPO / IH-GRPO on a causal LM with code execution in the loop.
+
+    >>> trainer = GRPOTrainer(load_config("configs/cpu-tiny.yaml", ["max_steps=2"]))
+    >>> trainer.train()
+    """
+
+    def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, examples: list[Example] | None = None,
+                 reward_fn=None):
+        """`model`/`tokenizer`/`examples` override what cfg names; `reward_fn(answers, golds) ->
+        list[float]` replaces the configured reward (e.g. a custom verifier)."""
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision="bf16" if torch.cuda.is_available()
+                                       and cfg.model.dtype in ("auto", "bfloat16") else "no")
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        _seed_everything(cfg.seed + self.rank)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(
+                cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+        if tokenizer is None:
+            raise ConfigError("a tokenizer is required with a model object")
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.tokenizer = tokenizer
+        self.examples = examples if examples is not None else load_examples(
+            cfg.data.train, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
+            split=cfg.data.split, limit=cfg.data.max_examples)
+        self.sampler = PromptSampler(self.examples, cfg.seed, cfg.data.shuffle)
+        r = cfg.rollout
+        self.rollout_cfg = RolloutConfig(
+            mode=r.mode, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens,
+            max_tokens_per_turn=r.max_tokens_per_turn, max_observation_tokens=r.max_observation_tokens,
+            exec_timeout_s=r.exec_timeout_s, straggler_wait_s=r.straggler_wait_s, execute_token=r.execute_token,
+            instruction=r.instruction, enable_thinking=r.enable_thinking)
+        self.pool = SandboxPool(max_workers=r.sandbox_workers, timeout_s=r.exec_timeout_s,
+                                memory_mb=r.sandbox_memory_mb, isolation=r.sandbox_isolation)
+        eos = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.generator = HFGenerator(model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed)
+        self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
+        self.execute_token_id = self.engine.chat.execute_token_id
+        self.fence_close_ids = _fence_close_ids(tokenizer)
+
+        self.policy = PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size, r.temperature)
+        o = cfg.optim
+        decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=o.lr, betas=tuple(o.betas))
+        warm = o.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.policy, self.optimizer, self.scheduler)
+        self.reference = None
+        if cfg.algo.kl_coef > 0:  # a frozen copy, only when the KL term is used
+            import copy
+            self.reference = copy.deepcopy(self._model()).eval().requires_grad_(False)
+        if reward_fn is not None:
+            self.reward_fn, self._verifier = reward_fn, None
+        else:
+            self.reward_fn, self._verifier = make_reward_fn(cfg.algo.reward, cfg.algo.reward_timeout_s)
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.policy).model
+
+    def close(self) -> None:
+        self.pool.close()
+        if self._verifier is not None:
+            self._verifier.close()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+        if cfg.resume:
+            self.step = self.load_checkpoint()
+        logger = _MetricLogger(self.out, cfg, enabled=self.accelerator.is_main_process, start_step=self.step)
+        history = []
+        try:
+            with logger.progress(total=cfg.max_steps, start=self.step) as advance:
+                while self.step < cfg.max_steps:
+                    metrics = self.train_step(self.step)
+                    self.step += 1
+                    metrics["step"] = self.step
+                    logger.log(metrics)
+                    history.append(metrics)
+                    advance(metrics)
+                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                        self.save_checkpoint()
+        finally:
+            logger.close()
+        return history
+
+    def train_step(self, step: int) -> dict:
+        cfg, algo = self.cfg, self.cfg.algo
+        t_step = time.perf_counter()
+        gen_seed = (cfg.seed * 1_000_003 + step) * 64 + self.rank
+        params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_response_tokens)
+        G = cfg.rollout.group_size
+        # Each process rolls out its share of the prompts; groups never straddle processes.
+        want = _share(cfg.prompts_per_step, self.world, self.rank)
+        budget = max(want, math.ceil(cfg.prompts_per_step * algo.oversample / self.world))
+        kept: list[Trajectory] = []
+        all_trajs: list[Trajectory] = []
+        kept_adv: list[float] = []
+        rolled = 0
+        t0 = time.perf_counter()
+        self._model().eval()
+        chunk = 0
+        while len(kept) < want * G and rolled < budget:
+            n = min(want - len(kept) // G, budget - rolled) if algo.dynamic_sampling else want
+            examples = self._take_prompts(n)
+            rolled += n
+            # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
+            chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
+            chunk += 1
+            with _autocast(self.accelerator):
+                trajs = self.engine.rollout([e.question for e in examples], G, chunk_params)
+            rewards = self.reward_fn([t.answer for t in trajs], [examples[t.prompt_index].answer for t in trajs])
+            for t, rew in zip(trajs, rewards):
+                t.reward = float(rew)
+            all_trajs += trajs
+            adv = group_advantages(rewards, G, std_normalize=algo.advantage == "grpo")
+            for g in range(0, len(trajs), G):
+                group = trajs[g:g + G]
+                if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
+                    continue
+                if len(kept) < want * G:
+                    kept += group
+                    kept_adv += adv[g:g + G]
+            if not algo.dynamic_sampling:
+                break
+        t_rollout = time.perf_counter() - t0
+        metrics = {f"rollout/{k}": v for k, v in batch_stats(all_trajs).items()}
+        metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
+        metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
+        metrics.update({"groups_rolled": rolled, "groups_kept": len(kept) // G,
+                        "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
+
+        t0 = time.perf_counter()
+        n_kept = self._sum_across([len(kept)])[0]
+        if n_kept == 0:
+            # No group carries signal (every reward equal): say so instead of looping forever.
+            log.warning("step %d: no group had differing rewards after rolling out %d prompts; "
+                        "no update this step", step + 1, rolled)
+            metrics.update({"no_signal": 1.0, "lr": self.scheduler.get_last_lr()[0]})
+        else:
+            metrics.update(self._update(kept, kept_adv))
+            metrics["no_signal"] = 0.0
+        metrics["time_update_s"] = time.perf_counter() - t0
+        metrics["time_step_s"] = time.perf_counter() - t_step
+        return metrics
+
+    def _take_prompts(self, n: int) -> list[Example]:
+        # Every process advances the sampler identically and keeps its own slice, so the data
+        # position is the same on all ranks (and in a checkpoint).
+        block = self.sampler.take(n * self.world)
+        return block[self.rank * n:(self.rank + 1) * n]
+
+    def _sum_across(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def _update(self, trajs: list[Trajectory], advantages: list[float]) -> dict:
+        cfg, algo, o = self.cfg, self.cfg.algo, self.cfg.optim
+        keep = [not ((algo.mask_void and t.void) or (algo.mask_truncated and t.truncated)) for t in trajs]
+        self._model().train()
+        # Normalisers over the whole step on all processes, so that accumulation and DDP's mean
+        # reproduce the single-process loss exactly.
+        tokens = [sum(t.mask) if k else 0 for t, k in zip(trajs, keep)]
+        total_tokens, total_seqs, total_rows = self._sum_across(
+            [sum(tokens), sum(1 for n in tokens if n > 0), len(trajs)])
+        norm_constant = algo.norm_constant or float(cfg.rollout.max_response_tokens)
+        old = None
+        order = list(range(len(trajs)))
+        mb = o.micro_batch_size
+        stats_sum: dict[str, float] = {}
+        weight_sum = 0.0
+        grad_norms = []
+        n_updates = o.updates_per_step
+        per_update = math.ceil(len(order) / n_updates)
+        if n_updates > 1:  # off-policy after the first update: ratios need the old log-probs
+            old = self._old_logprobs(trajs, advantages, keep)
+        for u in range(n_updates):
+            idx = order[u * per_update:(u + 1) * per_update]
+            for s in range(0, len(idx), mb):
+                micro = idx[s:s + mb]
+                batch = collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
+                                [keep[i] for i in micro], self.execute_token_id, self.fence_close_ids)
+                batch = _to(batch, self.accelerator.device)
+                if algo.aggregation == "token-mean":
+                    w = batch.mask.sum().item() / max(total_tokens, 1)
+                elif algo.aggregation == "seq-mean-token-mean":
+                    w = (batch.mask.sum(-1) > 0).sum().item() / max(total_seqs, 1)
+                else:
+                    w = len(micro) / max(total_rows, 1)
+                w *= self.world * n_updates  # DDP averages over processes; each update is its own mean
+                if w == 0:
+                    continue
+                with _autocast(self.accelerator):
+                    st = self.policy(batch.input_ids, batch.attention_mask, batch.labels,
+                                     compute_entropy=algo.entropy_coef > 0)
+                ref = self._ref_logprobs(batch) if self.reference is not None else None
+                old_lp = None if old is None else _pad_old([old[i] for i in micro], batch.mask.shape).to(batch.mask.device)
+                loss, stats = ih_grpo_loss_from_stats(
+                    st.logp, st.logp_exec, st.z_exec, batch.labels, batch.advantages, batch.mask,
+                    execute_token_id=self.execute_token_id, lam=algo.lam, old_logprobs=old_lp,
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
+                    aggregation=algo.aggregation, c_mask=batch.decision if algo.c_mask == "decision" else None,
+                    kl_coef=algo.kl_coef, ref_logprobs=ref, entropy=st.entropy, entropy_coef=algo.entropy_coef,
+                    norm_constant=norm_constant)
+                self.accelerator.backward(loss * w)
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
+                weight_sum += w / (self.world * n_updates)
+            if o.grad_clip > 0:
+                gn = self.accelerator.clip_grad_norm_(self.policy.parameters(), o.grad_clip)
+            else:
+                gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.policy.parameters()
+                                    if p.grad is not None))
+            grad_norms.append(float(gn))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        out = {f"loss/{k}": v / max(weight_sum, 1e-12) for k, v in stats_sum.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    @torch.no_grad()
+    def _old_logprobs(self, trajs, advantages, keep) -> list[torch.Tensor]:
+        out = []
+        for s in range(0, len(trajs), self.cfg.optim.micro_batch_size):
+            micro = list(range(s, min(s + self.cfg.optim.micro_batch_size, len(trajs))))
+            batch = _to(collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
+                                [keep[i] for i in micro], self.execute_token_id), self.accelerator.device)
+            with _autocast(self.accelerator):
+                st = self.policy(batch.input_ids, batch.attention_mask, batch.labels)
+            out += [row.detach().float().cpu() for row in st.logp]
+        return out
+
+    @torch.no_grad()
+    def _ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        ref = PolicyStats(self.reference, self.execute_token_id, self.cfg.optim.loss_chunk_size,
+                          self.cfg.rollout.temperature)
+        return ref(batch.input_ids, batch.attention_mask, batch.labels).logp.detach()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """model/, optimizer, scheduler, RNG states and data position, written atomically."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return None
+        root = self.out / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".tmp-step-{self.step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._model().save_pretrained(tmp / "model", safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp / "model")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": _rng_state()}
+        (tmp / "state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+        _fsync_dir(root)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self) -> int:
+        root = self.out / "checkpoints"
+        ckpts = sorted(p for p in root.glob("step-*") if (p / "state.json").exists()) if root.exists() else []
+        if not ckpts:
+            log.info("resume: no checkpoint in %s; starting from step 0", root)
+            return 0
+        ck = ckpts[-1]
+        from safetensors.torch import load_file
+
+        model = self._model()
+        weights = {}
+        for f in sorted((ck / "model").glob("*.safetensors")):
+            weights.update(load_file(f))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+        if set(missing) - tied or unexpected:
+            raise ConfigError(f"checkpoint {ck} does not match the model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+        self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+        state = json.loads((ck / "state.json").read_text())
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", ck, state["step"])
+        return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- logging
+class _MetricLogger:
+    def __init__(self, out: Path, cfg: TrainConfig, *, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = self.wandb = None
+        self.cfg = cfg
+        if not enabled:
+            return
+        # A resumed run rewrites the steps after its checkpoint, so the file matches an uninterrupted run.
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except Exception:
+                self.tb = None
+        if cfg.log.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.log.wandb_project, config=json.loads(json.dumps(
+                    __import__("dataclasses").asdict(cfg), default=str)), dir=str(out))
+            except Exception as exc:
+                log.warning("W&B logging disabled: %s", exc)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        clean["step"] = int(metrics["step"])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and k != "step":
+                    self.tb.add_scalar(k, v, clean["step"])
+        if self.wandb is not None:
+            self.wandb.log(clean, step=clean["step"])
+
+    def progress(self, total: int, start: int):
+        import contextlib
+
+        if not (self.enabled and self.cfg.log.progress):
+            return contextlib.nullcontext(lambda m: None)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        @contextlib.contextmanager
+        def bar():
+            with Progress(TextColumn("[bold]RL[/bold] {task.completed}/{task.total}"), BarColumn(),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                          TimeRemainingColumn()) as prog:
+                task = prog.add_task("rl", total=total, completed=start, info="")
+
+                def advance(m):
+                    prog.update(task, advance=1, info=f"reward {m.get('reward', 0):.3f} "
+                                f"delay {m.get('rollout/delay_call_rate', 0):.2f}")
+                yield advance
+        return bar()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _share(n: int, world: int, rank: int) -> int:
+    if n % world:
+        raise ConfigError(f"prompts_per_step ({n}) must be divisible by the number of processes ({world})")
+    return n // world
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if e is not None and e not in ids:
+            ids.append(int(e))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _fence_close_ids(tokenizer) -> tuple[int, ...]:
+    """Vocabulary tokens that end a closing fence line ("```\\n"), for the decision c-mask."""
+    ids = set()
+    for text in ("```\n", "```\n\n"):
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if enc:
+            ids.add(enc[-1])
+    return tuple(sorted(ids))
+
+
+def _to(batch: TrainBatch, device) -> TrainBatch:
+    return TrainBatch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
+                        (batch.input_ids, batch.attention_mask, batch.labels, batch.mask, batch.advantages,
+                         batch.decision)))
+
+
+def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        n = min(len(r), shape[1])
+        out[i, :n] = r[:n]
+    return out
+
+
+def _autocast(accelerator):
+    import contextlib
+
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    st = random.getstate()
+    np_st = np.random.get_state()
+    return {"python": [st[0], list(st[1]), st[2]], "torch": torch.get_rng_state().tolist(),
+            "numpy": [np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])]}
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
