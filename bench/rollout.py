@@ -26,7 +26,7 @@ import time
 import torch
 import transformers
 
-from ihgrpo.rollout.generator import SamplingParams
+from ihgrpo.rollout.generator import GenerationOutput, Generator, SamplingParams
 from ihgrpo.rollout.hf import HFGenerator
 
 
@@ -128,8 +128,75 @@ def single_turn(args, model) -> None:
 # Intended: RolloutEngine with HFGenerator + SandboxPool on tool-using prompts; report
 # the share of wall time spent waiting for the sandbox vs generating.
 # ==================================================================================
+class _TimedScript(Generator):
+    """Real model compute, scripted content: for each prefix the real HFGenerator decodes as
+    many tokens as the script's next turn has (so the cost is a real model's), then the script's
+    tokens are returned (so the content is code that runs)."""
+
+    def __init__(self, hf: Generator, script):
+        self.hf, self.script = hf, script
+
+    def generate(self, prefixes, params, max_new_tokens=None, *, request_ids=None):
+        turns = [self.script(rid, p) for rid, p in zip(request_ids, prefixes)]
+        budgets = max_new_tokens or [params.max_new_tokens] * len(prefixes)
+        turns = [t[:b] for t, b in zip(turns, budgets)]
+        free = SamplingParams(temperature=params.temperature, max_new_tokens=max(len(t) for t in turns))
+        self.hf.generate(prefixes, free, [len(t) for t in turns])  # the compute, output discarded
+        outs = []
+        for t in turns:
+            reason = "stop_token" if t[-1] in params.stop_token_ids else "length"
+            outs.append(GenerationOutput(t, [-1.0] * len(t), reason))
+        return outs
+
+
+MULTI_TURN_SCRIPT = [
+    "Let me set up the sum first.\n```python\nN = 300000\ntotal = sum(k * k % 7 for k in range(N))\n```\n"
+    "Then factor something with sympy.\n```python\nimport sympy\nf = sympy.factorint(2**64 + 1)\n"
+    "print(total, f)\n```\n<tool_call>",
+    "Now combine them.\n```python\nprint(total % 1000 + len(f))\n```\n<tool_call>",
+    "So the answer is \\boxed{42}.<|im_end|>",
+]
+
+
 def multi_turn(args, model) -> None:
-    print("multi turn: not implemented yet (bench/rollout.py: multi_turn)")
+    """Engine + HFGenerator + SandboxPool on tool-using trajectories: where does the time go?"""
+    from ihgrpo.rollout import RolloutConfig, RolloutEngine
+    from ihgrpo.sandbox import SandboxPool
+    from ihgrpo.testing.qwen_tokenizer import build_qwen3_tokenizer
+
+    if args.vocab != 151_936:
+        print("multi turn: needs the Qwen vocabulary (--vocab 151936); skipped")
+        return
+    tok = build_qwen3_tokenizer()
+    turns = [tok.encode(t, add_special_tokens=False) for t in MULTI_TURN_SCRIPT]
+    cursor: dict[str, int] = {}
+
+    def script(rid, prefix):  # noqa: ARG001
+        i = cursor.get(rid, 0)
+        cursor[rid] = i + 1
+        return turns[min(i, len(turns) - 1)]
+
+    hf = HFGenerator(model, tok, seed=0)
+    groups, group_size = max(1, args.batch // 4), 4
+    print(f"multi turn: {groups} prompts x {group_size} rollouts, 3 turns, 2 executions each "
+          "(numeric loop, sympy import and factorisation), sandbox isolation on")
+    for wait, label in ((None, "deterministic rounds"), (0.2, "straggler_wait_s=0.2")):
+        cursor.clear()
+        with SandboxPool(max_workers=2, timeout_s=10, preload=("sympy",)) as pool:
+            time.sleep(2)  # warm interpreters ready
+            engine = RolloutEngine(_TimedScript(hf, script), tok, pool,
+                                   RolloutConfig(max_response_tokens=1024, straggler_wait_s=wait))
+            t0 = time.perf_counter()
+            trajs = engine.rollout([f"question {i}" for i in range(groups)], group_size,
+                                   SamplingParams(max_new_tokens=256))
+            wall = time.perf_counter() - t0
+        timing = engine.last_timing
+        toks = sum(t.model_tokens for t in trajs)
+        ok = sum(r.ok is True for t in trajs for r in t.turns if r.code)
+        print(f"  {label:<24} wall {wall:6.2f} s | generate {timing['generate_time_s']:6.2f} s "
+              f"({100 * timing['generate_time_s'] / wall:4.1f}%) | waiting on the sandbox "
+              f"{timing['exec_wait_time_s']:5.2f} s ({100 * timing['exec_wait_time_s'] / wall:4.1f}%) | "
+              f"{toks / wall:6.1f} model tok/s | executions ok {ok}/{2 * len(trajs)}")
 
 
 def main() -> None:
