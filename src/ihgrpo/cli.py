@@ -1,6 +1,7 @@
-"""Command line: `ihgrpo train | demo`.
+"""Command line: `ihgrpo train | eval | demo`.
 
     ihgrpo train CONFIG [key=value ...]   CONFIG: a YAML path or a packaged name (qwen3-1.7b, ...)
+    ihgrpo eval --model PATH --benchmark SPEC ... --out DIR
     ihgrpo demo [--out DIR]               the embedded main job
 
 Configuration, data and model errors print one line and exit with status 2.
@@ -39,6 +40,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ihgrpo.evaluate import cmd_eval as run
+
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ihgrpo.demo.walkthrough import main as walkthrough
 
@@ -52,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="RL training (GRPO / IH-GRPO)")
     train.add_argument("config", help="a YAML path or a packaged config name")
     train.add_argument("overrides", nargs="*", help="key=value overrides (e.g. algo.lam=0 max_steps=10)")
+    from ihgrpo.evaluate import add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
     demo = sub.add_parser("demo", help="run the embedded main job")
     demo.add_argument("--out", default=None, help="directory for the outputs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": cmd_train, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except _usage_errors() as exc:

@@ -102,7 +102,7 @@ def load_examples(spec: str, *, question_key: str = "question", answer_key: str 
     if not spec:
         raise DataError("no dataset given (data.train)")
     if spec in ("demo", "demo:train", "demo:heldout"):
-        from ihgrpo.demo.task import demo_examples
+        from ihgrpo.demo.pipeline import demo_examples
 
         return demo_examples("heldout" if spec.endswith("heldout") else "train", limit=limit)
     path = Path(spec)
