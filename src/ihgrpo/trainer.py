@@ -160,9 +160,10 @@ class GRPOTrainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, examples: list[Example] | None = None,
-                 reward_fn=None):
+                 reward_fn=None, eval_fn=None, eval_every: int = 0):
         """`model`/`tokenizer`/`examples` override what cfg names; `reward_fn(answers, golds) ->
-        list[float]` replaces the configured reward (e.g. a custom verifier)."""
+        list[float]` replaces the configured reward (e.g. a custom verifier); `eval_fn(model) -> dict`
+        runs every `eval_every` steps (and after the last), logged under "eval/"."""
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -221,6 +222,7 @@ class GRPOTrainer:
             self.reward_fn, self._verifier = make_reward_fn(cfg.algo.reward, cfg.algo.reward_timeout_s)
         self.out = Path(cfg.output_dir)
         self.step = 0
+        self.eval_fn, self.eval_every = eval_fn, eval_every
 
     # ------------------------------------------------------------------ helpers
     def _model(self) -> nn.Module:
@@ -247,6 +249,12 @@ class GRPOTrainer:
                     metrics = self.train_step(self.step)
                     self.step += 1
                     metrics["step"] = self.step
+                    if self.eval_fn is not None and self.accelerator.is_main_process and (
+                            (self.eval_every and self.step % self.eval_every == 0) or self.step == cfg.max_steps):
+                        t0 = time.perf_counter()
+                        metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self._model()).items()
+                                        if isinstance(v, (int, float))})
+                        metrics["time_eval_s"] = time.perf_counter() - t0
                     logger.log(metrics)
                     history.append(metrics)
                     advance(metrics)

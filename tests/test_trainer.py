@@ -1,0 +1,163 @@
+"""The GRPO loop: advantages, batches, a real run, SIGKILL + resume, two processes = one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ihgrpo.config import load_config
+from ihgrpo.data import Example
+from ihgrpo.rollout import Trajectory
+from ihgrpo.trainer import GRPOTrainer, collate, group_advantages
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def test_group_advantages():
+    adv = group_advantages([1, 0, 0, 1, 1, 1, 1, 1], 4)
+    assert adv[:4] == pytest.approx([1, -1, -1, 1], abs=1e-5)
+    assert adv[4:] == [0.0] * 4  # no signal in an all-equal group
+    dr = group_advantages([1, 0, 0, 0], 4, std_normalize=False)
+    assert dr == pytest.approx([0.75, -0.25, -0.25, -0.25])
+
+
+def test_collate_aligns_labels_and_masks():
+    t = Trajectory("a", 0, 0, [10, 11], [20, 21, 22, 23], [1, 0, 0, 1], [0.0] * 4)
+    u = Trajectory("b", 0, 1, [10], [30, 31], [1, 1], [0.0] * 2)
+    b = collate([t, u], [0.5, -0.5], pad_id=0, keep=[True, False], execute_token_id=21)
+    assert b.input_ids.tolist() == [[10, 11, 20, 21, 22, 23], [10, 30, 31, 0, 0, 0]]
+    assert b.labels.tolist()[0] == [11, 20, 21, 22, 23]
+    # position t predicts labels[t]: only the sampled response tokens train; u is dropped (keep=False)
+    assert b.mask.tolist() == [[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]]
+    assert b.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert b.advantages.tolist() == [0.5, -0.5]
+
+
+def _tiny(tok_corpus=40):
+    from ihgrpo.demo.model import build_model
+    from ihgrpo.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(n_corpus=tok_corpus)
+    model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, intermediate_size=64)
+    return tok, model
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, ["model.path=unused", "data.train=unused", f"output_dir={tmp_path}", "max_steps=2",
+                              "prompts_per_step=2", "rollout.group_size=4", "rollout.max_response_tokens=24",
+                              "rollout.max_turns=2", "rollout.sandbox_workers=1", "optim.lr=0.003",
+                              "algo.reward=exact", "log.progress=false", "log.tensorboard=false", *extra])
+
+
+EXAMPLES = [Example(f"What is {i} + {i}?", str(2 * i), str(i)) for i in range(6)]
+
+
+def test_training_steps_update_the_policy_and_log(tmp_path):
+    tok, model = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    flip = iter(range(10**6))
+
+    def reward(answers, golds):  # noqa: ARG001 - alternate rewards: every group has signal
+        return [float(next(flip) % 2) for _ in answers]
+
+    trainer = GRPOTrainer(_cfg(tmp_path), model=model, tokenizer=tok, examples=EXAMPLES, reward_fn=reward)
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
+    assert [m["step"] for m in history] == [1, 2]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for key in ("loss/policy_loss", "loss/surrogate", "loss/clip_frac", "grad_norm", "reward",
+                "rollout/delay_call_rate", "rollout/turns_per_trajectory", "rollout/tool_calls_per_trajectory",
+                "rollout/response_tokens", "time_rollout_s", "time_update_s", "lr", "groups_kept"):
+        assert key in lines[0], key
+    assert lines[0]["groups_kept"] == 2 and lines[0]["reward"] == 0.5
+    ck = tmp_path / "checkpoints" / "step-00000002"
+    assert (ck / "state.json").exists() and (ck / "optimizer.pt").exists()
+    assert any((ck / "model").glob("*.safetensors")) and (ck / "model" / "tokenizer.json").exists()
+
+
+def test_batch_without_signal_says_so_and_moves_on(tmp_path, caplog):
+    tok, model = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = GRPOTrainer(_cfg(tmp_path, "algo.oversample=2"), model=model, tokenizer=tok, examples=EXAMPLES,
+                          reward_fn=lambda a, g: [0.0] * len(a))
+    try:
+        with caplog.at_level("WARNING"):
+            history = trainer.train()
+    finally:
+        trainer.close()
+    assert [m["no_signal"] for m in history] == [1.0, 1.0]
+    assert [m["groups_rolled"] for m in history] == [4, 4]  # oversampled 2x, then gave up
+    assert "no group had differing rewards" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _strip_time(lines):
+    return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in lines]
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    script = str(HERE / "train_script.py")
+    subprocess.run([PY, script, str(full), "4", "0"], check=True, timeout=300)
+    proc = subprocess.Popen([PY, script, str(killed), "4", "0"], start_new_session=True)
+    target = killed / "checkpoints" / "step-00000002"
+    deadline = time.monotonic() + 240
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run ended before its second checkpoint"
+    assert not (killed / "checkpoints" / "step-00000004").exists()
+    subprocess.run([PY, script, str(killed), "4", "1"], check=True, timeout=300)
+    a = (full / "metrics.jsonl").read_text().splitlines()
+    b = (killed / "metrics.jsonl").read_text().splitlines()
+    assert len(a) == 4
+    assert _strip_time(a) == _strip_time(b)  # bit for bit, time fields aside
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_average_gradients_like_one(tmp_path):
+    """gloo on CPU: each process holds half the trajectories; the update equals the 1-process one."""
+    script = str(HERE / "dist_update_script.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([PY, script, str(one)], check=True, timeout=300)
+    torchrun = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), script, str(two)]
+    subprocess.run(torchrun, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    a, b = torch.load(one), torch.load(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-5, atol=1e-6)
+    _, model = _tiny()
+    assert any(not torch.equal(a["params"][k], v) for k, v in model.state_dict().items())  # it did train
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
+    from ihgrpo.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": "1"}\n')
+    assert main(["train", "qwen3-1.7b", f"model.path={tmp_path}/no-model", f"data.train={data}"]) == 2
+    err = capsys.readouterr().err
+    assert "no-model" in err and "does not exist" in err and err.count("\n") == 1
