@@ -294,3 +294,41 @@ def test_bad_config_and_tokenizer(tok, pool):
         RolloutConfig(mode="eager")
     with pytest.raises(ValueError, match="one token"):
         RolloutEngine(ScriptedGenerator({}), tok, pool, RolloutConfig(execute_token="<run>"))
+
+
+def test_engine_with_a_tiny_random_qwen3(tok, pool):
+    """A real model (random weights, Qwen3 architecture and vocabulary) through the engine: the
+    log-probs the engine keeps are the model's, position by position, across observations."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ihgrpo.rollout import HFGenerator
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
+    model = Qwen3ForCausalLM(cfg).eval()
+    boost = torch.zeros(151936)
+    boost[E] = 12.0  # make the execute token likely, so turns end at E and observations get inserted
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+    engine = RolloutEngine(HFGenerator(model, tok, seed=0), tok, pool,
+                           RolloutConfig(max_turns=3, max_response_tokens=120, max_tokens_per_turn=20))
+    trajs = engine.rollout(["What is 2 + 2?"], 2, SamplingParams(temperature=1.0, seed=11))
+    assert len(trajs) == 2
+    for t in trajs:
+        assert len(t.response_ids) == len(t.mask) == len(t.logprobs) <= 120
+        assert any(r.end is TurnEnd.EXECUTE for r in t.turns), [r.end for r in t.turns]
+        assert 0 in t.mask and t.mask[0] == 1  # observations were inserted after E
+        ids = torch.tensor([t.prompt_ids + t.response_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        start = len(t.prompt_ids)
+        for i, (tid, m, lp) in enumerate(zip(t.response_ids, t.mask, t.logprobs)):
+            if m:
+                assert abs(lp - logp[start + i - 1, tid].item()) < 1e-3, i
+            else:
+                assert lp == 0.0
+        # observation tokens are exactly the tokenizer's encoding of the observation text
+        obs = [r.output for r in t.turns if r.output]
+        obs_ids = [x for x, m in zip(t.response_ids, t.mask) if m == 0]
+        assert obs_ids == [x for o in obs for x in enc(tok, o)]
