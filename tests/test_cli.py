@@ -13,7 +13,7 @@ from ihgrpo.sandbox.isolation import probe_bwrap
 @pytest.mark.skipif(probe_bwrap(sys.executable, shutil.which("bwrap")) is not None,
                     reason="bubblewrap is not usable on this machine")
 def test_demo_walkthrough_runs_both_protocols(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--walkthrough", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "walkthrough.json").read_text())
     assert report["delayed"]["correct"] and report["coupled"]["correct"]
     # delayed defers the first block and runs two blocks at once; coupled runs each block

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -47,9 +48,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ihgrpo.demo.walkthrough import main as walkthrough
+    if args.walkthrough:
+        from ihgrpo.demo.walkthrough import main as walkthrough
 
-    return walkthrough(args.out)
+        return walkthrough(args.out)
+    import torch
+
+    from ihgrpo.demo.pipeline import run_compare, run_demo
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # a 1-M-parameter model: per-op overhead dominates, one thread is fastest
+    out = args.out or ("runs/demo-compare" if args.compare else "runs/demo")
+    if args.compare:
+        run_compare(out, overrides=args.overrides, seeds=args.seeds)
+    else:
+        run_demo(out, overrides=args.overrides, fresh=args.fresh)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     from ihgrpo.evaluate import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
-    demo = sub.add_parser("demo", help="run the embedded main job")
-    demo.add_argument("--out", default=None, help="directory for the outputs")
+    demo = sub.add_parser("demo", help="run the embedded main job: a tiny model learns delayed tool use")
+    demo.add_argument("--out", default=None, help="directory for the outputs (default runs/demo)")
+    demo.add_argument("--fresh", action="store_true", help="retrain the SFT start instead of reusing the cache")
+    demo.add_argument("--compare", action="store_true",
+                      help="IH-GRPO vs GRPO-D vs EH-GRPO vs GRPO-C on the same budget")
+    demo.add_argument("--seeds", type=int, default=2, help="seeds per method with --compare")
+    demo.add_argument("--walkthrough", action="store_true",
+                      help="only the scripted protocol walkthrough (no training; seconds)")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the RL stage (configs/demo.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}

@@ -172,6 +172,10 @@ class GRPOTrainer:
                                        and cfg.model.dtype in ("auto", "bfloat16") else "no")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(cfg.seed + self.rank)
+        if model is None and cfg.model.path == "demo":  # the embedded demo's SFT start (cached)
+            from ihgrpo.demo.pipeline import sft_start
+
+            model, tokenizer = sft_start()
         if model is None:
             model, tokenizer = load_model_and_tokenizer(
                 cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,

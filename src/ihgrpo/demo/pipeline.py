@@ -115,3 +115,166 @@ def summary(stats: dict) -> dict:
             "tool_calls_per_trajectory": stats["tool_calls_per_trajectory"],
             "turns_per_trajectory": stats["turns_per_trajectory"],
             "response_tokens": stats["response_tokens"]}
+
+
+# ----------------------------------------------------------------------------- RL
+def exact_int_reward(answers, golds) -> list[float]:
+    from .sft import score_answer
+
+    return [score_answer(a, g) for a, g in zip(answers, golds)]
+
+
+def rl_config(out_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    from ihgrpo.config import load_config
+
+    return load_config("demo", [f"output_dir={out_dir}", *overrides])
+
+
+def run_rl(model, tokenizer, out_dir: Path, overrides=(), *, curve_problems=None, max_turns: int | None = None,
+           log=print) -> list[dict]:
+    """IH-GRPO (by default) from the SFT start, with a held-out curve along the way."""
+    from ihgrpo.trainer import GRPOTrainer
+
+    cfg = rl_config(out_dir, overrides)
+    turns = max_turns or cfg.rollout.max_turns
+    eval_fn = None
+    if curve_problems:
+        def eval_fn(m):
+            return summary(evaluate(m, tokenizer, curve_problems, max_turns=turns, mode=cfg.rollout.mode))
+    trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, examples=demo_examples("train"),
+                          reward_fn=exact_int_reward, eval_fn=eval_fn, eval_every=max(1, cfg.max_steps // 5))
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def plot_curves(history: list[dict], path: Path, before: dict | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in history]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [("reward", "training reward (mean over rollouts)"),
+              ("eval/accuracy", "held-out accuracy"),
+              ("rollout/delay_call_rate", "delay-call rate (training rollouts)"),
+              ("rollout/tool_calls_per_trajectory", "tool calls per trajectory")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        xs = [s for s, m in zip(steps, history) if key in m]
+        ys = [m[key] for m in history if key in m]
+        if key == "eval/accuracy" and before is not None:
+            xs, ys = [0] + xs, [before["accuracy"]] + ys
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=print) -> dict:
+    """SFT start -> held-out eval -> RL -> held-out eval; writes metrics.json, curves.png, model/,
+    rollouts.html in out_dir."""
+    from ihgrpo.viewer import write_viewer
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = sft_start(fresh=fresh, log=log)
+    t_sft = time.perf_counter() - t_start
+    cfg = rl_config(out / "rl", overrides)
+    turns = cfg.rollout.max_turns
+    heldout = heldout_problems()
+    t0 = time.perf_counter()
+    before = evaluate(model, tok, heldout, max_turns=turns, mode=cfg.rollout.mode)
+    log(f"[demo] held-out before RL: accuracy {before['accuracy']:.3f}, delay-call rate "
+        f"{before['delay_call_rate']:.2f}, tool calls {before['tool_calls_per_trajectory']:.2f} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    t0 = time.perf_counter()
+    history = run_rl(model, tok, out / "rl", overrides, curve_problems=heldout[:N_CURVE], log=log)
+    t_rl = time.perf_counter() - t0
+    after = evaluate(model, tok, heldout, max_turns=turns, mode=cfg.rollout.mode, return_trajectories=True)
+    trajs = after.pop("trajectories")
+    log(f"[demo] held-out after RL:  accuracy {after['accuracy']:.3f}, delay-call rate "
+        f"{after['delay_call_rate']:.2f}, tool calls {after['tool_calls_per_trajectory']:.2f}")
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    result = {"before": summary(before), "after": summary(after),
+              "heldout_problems": len(heldout), "rl_steps": len(history),
+              "settings": {"algorithm": "IH-GRPO", "lam": cfg.algo.lam, "max_turns": turns,
+                           "eval_temperature": 0.0, "overrides": list(overrides)},
+              "time_s": {"sft": t_sft, "rl": t_rl, "total": time.perf_counter() - t_start}}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    plot_curves(history, out / "curves.png", before=before)
+    write_viewer(out / "rollouts.html", trajs[:12], tok, title="ihgrpo demo: held-out rollouts after RL")
+    log(f"[demo] wrote metrics.json, curves.png, model/, rollouts.html in {out} "
+        f"({result['time_s']['total']:.0f} s)")
+    return result
+
+
+METHODS = {  # name -> RL overrides (same budget for all)
+    "IH-GRPO": ["algo.lam=1e-3"],
+    "GRPO-D": ["algo.lam=0"],
+    "EH-GRPO": ["algo.lam=1"],
+    "GRPO-C": ["algo.lam=0", "rollout.mode=coupled"],
+}
+
+
+def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print) -> dict:
+    """The same RL budget for each method and seed, from the same SFT start; a table and a plot.
+
+    Coupled (GRPO-C) starts from the delayed SFT model and is evaluated under its own protocol,
+    as the paper's C baselines are trained and evaluated under coupled execution.
+    """
+    import statistics
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = heldout_problems()
+    rows: dict[str, list[dict]] = {}
+    for name, method in METHODS.items():
+        for seed in range(seeds):
+            model, tok = sft_start(log=log)
+            ov = [*method, f"seed={seed}", "log.progress=false", *overrides]
+            mode = "coupled" if "rollout.mode=coupled" in method else "delayed"
+            t0 = time.perf_counter()
+            run_rl(model, tok, out / f"{name}-seed{seed}", ov, log=log)
+            res = summary(evaluate(model, tok, heldout, max_turns=rl_config(out, ov).rollout.max_turns, mode=mode))
+            res["time_s"] = time.perf_counter() - t0
+            rows.setdefault(name, []).append(res)
+            log(f"[compare] {name} seed {seed}: accuracy {res['accuracy']:.3f}, delay-call rate "
+                f"{res['delay_call_rate']:.2f} ({res['time_s']:.0f} s)")
+    table = {}
+    for name, rs in rows.items():
+        accs = [r["accuracy"] for r in rs]
+        table[name] = {"accuracy_mean": statistics.mean(accs),
+                       "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                       "delay_call_rate_mean": statistics.mean(r["delay_call_rate"] for r in rs),
+                       "tool_calls_mean": statistics.mean(r["tool_calls_per_trajectory"] for r in rs),
+                       "runs": rs}
+    (out / "compare.json").write_text(json.dumps(table, indent=2))
+    lines = ["| method | held-out accuracy (mean ± std) | delay-call rate | tool calls / traj | seeds |",
+             "|---|---|---|---|---|"]
+    for name, t in table.items():
+        lines.append(f"| {name} | {t['accuracy_mean']:.3f} ± {t['accuracy_std']:.3f} | "
+                     f"{t['delay_call_rate_mean']:.2f} | {t['tool_calls_mean']:.2f} | {len(t['runs'])} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(table)
+    ax.bar(names, [table[n]["accuracy_mean"] for n in names], yerr=[table[n]["accuracy_std"] for n in names],
+           capsize=4)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"same RL budget, {seeds} seed(s) each")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+    return table
