@@ -165,7 +165,8 @@ def test_draw_follows_the_distribution(block):
     gen = torch.Generator().manual_seed(0)
     n = 40_000
     probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4, 0.0, 0.0]]).repeat(n, 1)
-    freq = torch.bincount(_draw(probs, gen, block=block), minlength=7).double() / n
+    freq = torch.bincount(_draw(probs, torch.rand(n, 1, dtype=torch.float64, generator=gen), block=block),
+                          minlength=7).double() / n
     assert freq[[1, 5, 6]].tolist() == [0.0, 0.0, 0.0]  # probability 0: never drawn
     # 4 standard deviations of a frequency estimate at p=0.5 is 0.01.
     assert freq.tolist() == pytest.approx([0.1, 0.0, 0.2, 0.3, 0.4, 0.0, 0.0], abs=0.01)
@@ -174,7 +175,8 @@ def test_draw_follows_the_distribution(block):
     probs[:, 1023] = 2.0
     probs[:, 1024] = 2.0
     probs[:, 4999] = 4.0
-    freq = torch.bincount(_draw(probs, gen, block=block), minlength=5000).double() / 4000
+    u = torch.rand(4000, 1, dtype=torch.float64, generator=gen)
+    freq = torch.bincount(_draw(probs, u, block=block), minlength=5000).double() / 4000
     assert freq.nonzero().flatten().tolist() == [1023, 1024, 4999]
     assert freq[[1023, 1024, 4999]].tolist() == pytest.approx([0.25, 0.25, 0.5], abs=0.03)
 

@@ -608,7 +608,7 @@ def _make_row_seeded_generator():
     """Defines RowSeededHFGenerator on first use (transformers/torch are imported lazily)."""
     import torch
 
-    from ihgrpo.rollout.hf import HFGenerator, _nucleus
+    from ihgrpo.rollout.hf import HFGenerator
 
     class _RowSeeded(HFGenerator):
         """An :class:`HFGenerator` where every row draws from its own random stream.
@@ -668,51 +668,12 @@ def _make_row_seeded_generator():
                 cache.batch_select_indices = batch_select_indices
             return cache
 
-        def _sample(self, logits, params, gen):
+        def _uniforms(self, n, gen):
             if self._u is None:
-                return HFGenerator._sample(logits, params, gen)
-            u = self._u[self._live, self._step]
+                return super()._uniforms(n, gen)
+            u = self._u[self._live, self._step].reshape(n, 1)
             self._step += 1
-            if logits.dtype not in (torch.float32, torch.float64):
-                logits = logits.float()
-            if params.temperature == 0:
-                tok = logits.argmax(dim=-1)
-                return tok, torch.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)
-            if params.temperature != 1.0:
-                logits = logits / params.temperature
-            logprobs = torch.log_softmax(logits, dim=-1)
-            V = logprobs.shape[-1]
-            top_k = params.top_k if 0 < params.top_k < V else 0
-            if top_k:
-                cand_lp, cand_idx = logprobs.topk(top_k, dim=-1)
-                if params.top_p < 1.0:
-                    cand_lp = _nucleus(cand_lp, params.top_p, sorted_desc=True)
-                choice = _draw_uniform(torch.softmax(cand_lp, dim=-1), u)
-                tok = cand_idx.gather(1, choice[:, None]).squeeze(1)
-            elif params.top_p < 1.0:
-                tok = _draw_uniform(torch.softmax(_nucleus(logprobs, params.top_p, sorted_desc=False), dim=-1), u)
-            else:
-                tok = _draw_uniform(logprobs.exp(), u)
-            return tok, logprobs.gather(1, tok[:, None]).squeeze(1)
-
-    def _draw_uniform(probs, u, block: int = 1024):
-        """HFGenerator's two-level inverse-CDF draw, with each row's uniform given."""
-        B, V = probs.shape
-        C = min(block, V)
-        nb = V // C
-        mass = probs[:, :nb * C].reshape(B, nb, C).sum(-1, dtype=torch.float64)
-        if nb * C < V:
-            mass = torch.cat([mass, probs[:, nb * C:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
-        cmass = mass.cumsum(-1)
-        u = u.to(torch.float64).reshape(B, 1) * cmass[:, -1:]
-        b = torch.searchsorted(cmass, u, right=True).clamp_(max=mass.shape[1] - 1)
-        u_in = (u - (cmass.gather(1, b) - mass.gather(1, b))).clamp_(min=0)
-        idx = b * C + torch.arange(C, device=probs.device)
-        inner = probs.gather(1, idx.clamp(max=V - 1)).to(torch.float64).masked_fill_(idx >= V, 0.0)
-        c_in = inner.cumsum(-1)
-        u_in = torch.minimum(u_in, c_in[:, -1:] * (1 - 1e-12))
-        j = torch.searchsorted(c_in, u_in, right=True)
-        return (b * C + j).squeeze(1)
+            return u
 
     _RowSeeded.__name__ = _RowSeeded.__qualname__ = "RowSeededHFGenerator"
     return _RowSeeded

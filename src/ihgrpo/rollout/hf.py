@@ -305,7 +305,8 @@ class HFGenerator(Generator):
         next_pos = lens_t.clone()
 
         for t in range(T):
-            tok, lp = self._sample(logits, params, gen)
+            u = self._uniforms(logits.shape[0], gen) if params.temperature > 0 else None
+            tok, lp = self._sample(logits, params, u)
             tok_buf[live_t, t] = tok
             lp_buf[live_t, t] = lp.float()
             tok_list = tok.tolist()
@@ -346,9 +347,15 @@ class HFGenerator(Generator):
                                  finish_reason=r.finish_reason, stop_string=r.stop_string)
                 for i, r in enumerate(rows)]
 
+    def _uniforms(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """One uniform number per row for this step's draw ([n, 1] float64). Subclasses may give
+        each row its own stream (see ihgrpo.evaluate's row-seeded generator)."""
+        return torch.rand((n, 1), dtype=torch.float64, generator=gen, device=self.device)
+
     @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
-        """Sample one token per row; return (token ids, log-probs before truncation)."""
+    def _sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None):
+        """Sample one token per row with the uniforms `u` ([B, 1]; unused when greedy);
+        return (token ids, log-probs before truncation)."""
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         if params.temperature == 0:
@@ -365,19 +372,19 @@ class HFGenerator(Generator):
             cand_lp, cand_idx = logprobs.topk(top_k, dim=-1)  # sorted, best first
             if params.top_p < 1.0:
                 cand_lp = _nucleus(cand_lp, params.top_p, sorted_desc=True)
-            choice = _draw(torch.softmax(cand_lp, dim=-1), gen)
+            choice = _draw(torch.softmax(cand_lp, dim=-1), u)
             tok = cand_idx.gather(1, choice[:, None]).squeeze(1)
         elif params.top_p < 1.0:
-            tok = _draw(torch.softmax(_nucleus(logprobs, params.top_p, sorted_desc=False), dim=-1),
-                        gen)
+            tok = _draw(torch.softmax(_nucleus(logprobs, params.top_p, sorted_desc=False), dim=-1), u)
         else:
-            tok = _draw(logprobs.exp(), gen)
+            tok = _draw(logprobs.exp(), u)
         lp = logprobs.gather(1, tok[:, None]).squeeze(1)
         return tok, lp
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator, block: int = 1024) -> torch.Tensor:
-    """One sample per row of `probs` ([B, V], non-negative, rows need not sum to 1).
+def _draw(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """One sample per row of `probs` ([B, V], non-negative, rows need not sum to 1), with the
+    row's uniform number from `u` ([B, 1] or [B], in [0, 1)).
 
     Inverse-CDF sampling in two levels, with float64 sums: pick a block of `block` tokens by its
     mass, then a token inside it. This draws one uniform number per row and costs about two
@@ -392,8 +399,7 @@ def _draw(probs: torch.Tensor, gen: torch.Generator, block: int = 1024) -> torch
         tail = probs[:, nb * C:].sum(-1, keepdim=True, dtype=torch.float64)
         mass = torch.cat([mass, tail], dim=1)
     cmass = mass.cumsum(-1)
-    u = torch.rand((B, 1), dtype=torch.float64, generator=gen, device=probs.device)
-    u = u * cmass[:, -1:]
+    u = u.to(torch.float64).reshape(B, 1) * cmass[:, -1:]
     # right=True: the first block whose cumulative mass exceeds u (so its own mass is > 0).
     b = torch.searchsorted(cmass, u, right=True).clamp_(max=mass.shape[1] - 1)
     u_in = (u - (cmass.gather(1, b) - mass.gather(1, b))).clamp_(min=0)
