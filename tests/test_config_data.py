@@ -72,7 +72,7 @@ def test_jsonl_loading_and_row_errors(tmp_path):
     ex = load_examples(str(good))
     assert [(e.question, e.answer) for e in ex] == [("1+1?", "2"), ("2+2?", "4")]
     cases = {
-        '{"question": "q"}\n': "line 1|row 0: missing or empty answer field 'answer'",
+        '{"question": "q"}\n': "line 1: missing or empty answer field 'answer'",
         '{"question": "", "answer": "1"}\n': "missing or empty question",
         '{"question": "q", "answer": "1"}\nnot json\n': "line 2: invalid JSON",
         '[1, 2]\n': "expected an object",

@@ -66,18 +66,21 @@ def _plain_row(row: dict, where: str, qkey: str, akey: str) -> tuple[str, str]:
     return q, a
 
 
-def _rows_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+def read_rows(path: Path) -> Iterable[tuple[str, Any]]:
+    """(where, row) pairs of a .parquet, .jsonl or .json file; `where` names the row in errors."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
 
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+        yield from ((f"row {i}", r) for i, r in enumerate(rows))
+        return
     try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
-
-
-def _rows_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -85,15 +88,14 @@ def _rows_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
             raise DataError(f"{path}: invalid JSON ({exc})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects")
-        yield from enumerate(data)
+        yield from ((f"item {i}", r) for i, r in enumerate(data))
         return
     for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{path}: line {i + 1}: invalid JSON ({exc})") from None
+        if line.strip():
+            try:
+                yield f"line {i + 1}", json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path}: line {i + 1}: invalid JSON ({exc})") from None
 
 
 def load_examples(spec: str, *, question_key: str = "question", answer_key: str = "answer",
@@ -110,14 +112,10 @@ def load_examples(spec: str, *, question_key: str = "question", answer_key: str 
     if path.suffix in (".parquet", ".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise DataError(f"{spec}: file not found")
-        if path.suffix == ".parquet":
-            rows: Iterable[tuple[int, Any]] = enumerate(_rows_parquet(path))
-        elif path.suffix in (".jsonl", ".json"):
-            rows = _rows_jsonl(path)
-        else:
+        if path.suffix not in (".parquet", ".jsonl", ".json"):
             raise DataError(f"{spec}: unsupported file type (use .parquet, .jsonl or .json)")
-        for i, row in rows:
-            q, a = _plain_row(row, f"{path}: row {i}", question_key, answer_key)
+        for i, (where, row) in enumerate(read_rows(path)):
+            q, a = _plain_row(row, f"{path}: {where}", question_key, answer_key)
             examples.append(Example(q, a, f"{path.stem}-{i}", path.stem))
             if limit and len(examples) >= limit:
                 break

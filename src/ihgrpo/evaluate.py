@@ -94,7 +94,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ihgrpo.data import DataError, load_examples
+from ihgrpo.data import DataError, load_examples, read_rows
 from ihgrpo.protocol import EXECUTE_TOKEN, TurnEnd, build_prompt, extract_boxed, is_void
 
 __all__ = [
@@ -398,40 +398,9 @@ def _load_file(name: str, path: Path, settings: EvalSettings, *, choice: bool | 
     return Benchmark(name, [Problem(i, e.question, e.answer) for i, e in enumerate(examples)], str(path))
 
 
-def _choice_rows(path: Path) -> Iterable[tuple[str, Any]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as exc:
-            raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
-        yield from ((f"row {i}", r) for i, r in enumerate(rows))
-        return
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise DataError(f"{path}: invalid JSON ({exc})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        yield from ((f"item {i}", r) for i, r in enumerate(data))
-        return
-    for i, line in enumerate(text.splitlines()):
-        if line.strip():
-            try:
-                yield f"line {i + 1}", json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{path}: line {i + 1}: invalid JSON ({exc})") from None
-
-
 def _load_choice(path: Path, limit: int | None) -> list[Problem]:
     out: list[Problem] = []
-    for where, row in _choice_rows(path):
+    for where, row in read_rows(path):
         where = f"{path}: {where}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
