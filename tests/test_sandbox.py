@@ -15,11 +15,12 @@ import pytest
 
 from ihgrpo.sandbox import ExecResult, SandboxError, SandboxPool, SandboxUnavailable
 from ihgrpo.sandbox.isolation import probe_bwrap
+from ihgrpo.sandbox.pool import process_uid_range
 from ihgrpo.sandbox.worker import split_last_expression
 
 HAVE_BWRAP = probe_bwrap(sys.executable, shutil.which("bwrap")) is None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not usable on this machine")
-UID_BASE = 1_000_000
+UID_BASE, UID_END = process_uid_range()  # the uids this test process's pools hand out
 SECRET = "ihgrpo-test-secret-4f9c1"
 MODULE_POOL: list[SandboxPool] = []
 
@@ -63,7 +64,7 @@ def leftovers(pool: SandboxPool | None = None) -> list[str]:
     for pid, (state, ppid, uid) in stats.items():
         if ppid == me and state == "Z":
             bad.append(f"{pid} zombie child")
-        elif UID_BASE <= uid < UID_BASE + 100_000 and not owned(pid):
+        elif UID_BASE <= uid < UID_END and not owned(pid):
             bad.append(f"{pid} uid={uid} state={state}")
         elif ppid == me and pid not in live:
             try:
@@ -73,7 +74,7 @@ def leftovers(pool: SandboxPool | None = None) -> list[str]:
             if "worker.py" in cmd or "bwrap" in cmd:
                 bad.append(f"{pid} {cmd[:80]!r}")
     if pool is not None:  # exactly one interpreter per live worker: nothing else under sandbox uids
-        n_sandboxed = sum(1 for st in stats.values() if UID_BASE <= st[2] < UID_BASE + 100_000)
+        n_sandboxed = sum(1 for st in stats.values() if UID_BASE <= st[2] < UID_END)
         if HAVE_BWRAP and os.geteuid() == 0 and n_sandboxed > len(live):
             bad.append(f"{n_sandboxed} sandboxed processes for {len(live)} interpreters")
     return bad
@@ -340,7 +341,7 @@ def test_daemon_and_leftover_subprocess_are_killed_after_the_cell(pool):
     workers = set(pool.worker_pids())
     for pid in _host_pids():
         st = _proc_stat(pid)
-        if st and UID_BASE <= st[2] < UID_BASE + 100_000:
+        if st and UID_BASE <= st[2] < UID_END:
             cmd = open(f"/proc/{pid}/cmdline").read()
             assert "sleep(300)" not in cmd, cmd
     assert workers
@@ -355,7 +356,7 @@ def test_filesystem_is_private_and_read_only(pool, tmp_path):
         f"print(os.path.exists({str(host_secret)!r}))\n"
         "print(os.path.exists('/etc/shadow'), os.path.exists('/etc/passwd'))\n"
         "print(os.path.exists('/root/.bashrc'), os.path.exists('/home'))\n"
-        "print(os.getcwd(), os.listdir('/tmp'))\n"
+        "print(os.getcwd(), sorted(os.listdir('/tmp')))\n"
         "open('mine.txt', 'w').write('ok')\n"
         "print(open('mine.txt').read())\n"
         "for target in ('/usr/evil.txt', '/etc/evil.txt', '/evil.txt'):\n"
@@ -370,7 +371,9 @@ def test_filesystem_is_private_and_read_only(pool, tmp_path):
     assert lines[0] == "False"
     assert lines[1] == "False False"
     assert lines[2] == "False False"
-    assert lines[3] == "/sandbox []"
+    # /tmp is private: empty, but for the directories leading to the interpreter when it lives there
+    python_tmp = sorted({p.split("/")[2] for p in (sys.prefix, sys.base_prefix) if p.startswith("/tmp/")})
+    assert lines[3] == f"/sandbox {python_tmp}"
     assert lines[4] == "ok"
     assert "WROTE" not in r.stdout and len(lines) == 8
     assert not os.path.exists("/usr/evil.txt") and not os.path.exists("/evil.txt")

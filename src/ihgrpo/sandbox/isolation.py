@@ -102,6 +102,11 @@ def bwrap_argv(python: str, *, bwrap: str, as_root: bool, tmpfs_bytes: int) -> l
     for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/alternatives"):
         if os.path.exists(f):
             a += ["--ro-bind", f, f]
+    # Private /tmp and home first: the interpreter's binds below may live under /tmp (a venv in
+    # a checkout there) and must land on top of the new tmpfs, not under it.
+    size = ["--size", str(tmpfs_bytes)] if "--size" in feats else []
+    sticky = ["--perms", "01777"] if "--perms" in feats else []
+    a += [*sticky, *size, "--tmpfs", "/tmp", *sticky, *size, "--tmpfs", SANDBOX_HOME]
     perms = ["--perms", "0755"] if "--perms" in feats else []
     made: set[str] = set()
     for root in _python_roots(python):
@@ -113,10 +118,7 @@ def bwrap_argv(python: str, *, bwrap: str, as_root: bool, tmpfs_bytes: int) -> l
             made.add(p)
             a += [*perms, "--dir", p]
         a += ["--ro-bind", root, root]
-    a += ["--ro-bind", str(WORKER_PATH), SANDBOX_WORKER, "--proc", "/proc", "--dev", "/dev"]
-    size = ["--size", str(tmpfs_bytes)] if "--size" in feats else []
-    sticky = ["--perms", "01777"] if "--perms" in feats else []
-    a += [*sticky, *size, "--tmpfs", "/tmp", *sticky, *size, "--tmpfs", SANDBOX_HOME,
+    a += ["--ro-bind", str(WORKER_PATH), SANDBOX_WORKER, "--proc", "/proc", "--dev", "/dev",
           "--chdir", SANDBOX_HOME, "--clearenv"]
     for k, v in {**BASE_ENV, "HOME": SANDBOX_HOME, "TMPDIR": "/tmp"}.items():
         a += ["--setenv", k, v]

@@ -178,7 +178,7 @@ class SandboxPool:
         grace_s: float = 1.0,
         preload: tuple[str, ...] = (),
         python: str | None = None,
-        uid_base: int = 1_000_000,
+        uid_base: int | None = None,
         startup_timeout_s: float = 30.0,
     ):
         if max_workers < 1:
@@ -197,7 +197,9 @@ class SandboxPool:
         self.python = python or sys.executable
         self.isolation = resolve_isolation(isolation, self.python)
         self.as_root = os.geteuid() == 0
-        self._uid_base = uid_base
+        # As root, each interpreter gets its own uid: uid_base + slot. The default base is distinct
+        # per process and per pool, so pools side by side on one machine never share a uid.
+        self._uid_base = default_uid_base() if uid_base is None else uid_base
         self._settings = {
             "preload": list(preload),
             "rlimits": {
@@ -429,6 +431,9 @@ class SandboxPool:
             if self._closed:
                 raise SandboxError("the sandbox pool is closed")
             slot = self._free_slots.pop() if self._free_slots else next(self._next_slot)
+        if slot >= UIDS_PER_POOL:
+            self._release_slot(slot)
+            raise SandboxError(f"more than {UIDS_PER_POOL} interpreters alive at once; lower max_sessions")
         uid = self._uid_base + slot
         settings = dict(self._settings)
         workdir = None
@@ -486,6 +491,21 @@ class SandboxPool:
                 self._all.discard(worker)
                 self._free_slots.append(worker.slot)
         return code
+
+
+UIDS_PER_POOL = 1000
+UID_RANGE_START = 1_000_000
+_pool_counter = itertools.count()
+
+
+def process_uid_range(pid: int | None = None) -> tuple[int, int]:
+    """[start, end) of the uids the pools of process `pid` hand out by default (as root)."""
+    start = UID_RANGE_START + ((pid or os.getpid()) % 10_000) * 10 * UIDS_PER_POOL
+    return start, start + 10 * UIDS_PER_POOL
+
+
+def default_uid_base() -> int:
+    return process_uid_range()[0] + (next(_pool_counter) % 10) * UIDS_PER_POOL
 
 
 def _parse_result(msg: dict, rid: int) -> dict | None:
