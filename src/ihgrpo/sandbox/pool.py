@@ -455,6 +455,14 @@ class SandboxPool:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
                                     **popen_kw)
+        except PermissionError as exc:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self._release_slot(slot)
+            raise SandboxUnavailable(
+                f"cannot start {self.python} as an unprivileged uid ({exc.strerror}): without bubblewrap, "
+                "model code never runs as root, so the interpreter must be readable by other users; "
+                "install bubblewrap or pass python= an interpreter such as /usr/bin/python3") from None
         except Exception:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
