@@ -47,12 +47,19 @@ def main(out: str, aggregation: str) -> None:
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=[Example("q", "1", "0")])
     try:
         trajs, adv = fixed_trajectories(tok)
-        n = len(trajs) // trainer.world
-        lo = trainer.rank * n
-        stats = trainer._update(trajs[lo:lo + n], adv[lo:lo + n])
+        # Uneven shares on purpose (5 and 3 trajectories: 2 and 1 micro-batches), as dynamic
+        # sampling can leave them: the update must neither hang nor change.
+        cuts = [0, len(trajs)] if trainer.world == 1 else [0, 5, len(trajs)]
+        lo, hi = cuts[trainer.rank], cuts[trainer.rank + 1]
+        grads = {}
+        named = list(trainer._model().named_parameters())
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        inner.register_step_pre_hook(lambda *_: grads.update({n: p.grad.detach().clone() for n, p in named}))
+        stats = trainer._update(trajs[lo:hi], adv[lo:hi])
         if trainer.rank == 0:
             params = {k: v.detach().clone() for k, v in trainer._model().state_dict().items()}
-            torch.save({"params": params, "grad_norm": stats["grad_norm"], "world": trainer.world}, out)
+            torch.save({"params": params, "grads": grads, "grad_norm": stats["grad_norm"],
+                        "world": trainer.world}, out)
     finally:
         trainer.close()
 

@@ -377,7 +377,10 @@ class GRPOTrainer:
                 w *= self.world * n_updates  # DDP averages over processes; each update is its own mean
                 if w == 0:
                     continue
-                with _autocast(self.accelerator):
+                # Ranks may hold different numbers of micro-batches (dynamic sampling keeps what
+                # has signal), so DDP's per-backward all-reduce could deadlock: gradients are
+                # accumulated locally and averaged once per update below.
+                with _autocast(self.accelerator), self.accelerator.no_sync(self.policy):
                     st = self.policy(batch.input_ids, batch.attention_mask, batch.labels,
                                      compute_entropy=algo.entropy_coef > 0)
                 ref = self._ref_logprobs(batch) if self.reference is not None else None
@@ -389,10 +392,12 @@ class GRPOTrainer:
                     aggregation=algo.aggregation, c_mask=batch.decision if algo.c_mask == "decision" else None,
                     kl_coef=algo.kl_coef, ref_logprobs=ref, entropy=st.entropy, entropy_coef=algo.entropy_coef,
                     norm_constant=norm_constant)
-                self.accelerator.backward(loss * w)
+                with self.accelerator.no_sync(self.policy):
+                    self.accelerator.backward(loss * w)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
                 weight_sum += w / (self.world * n_updates)
+            self._average_gradients()
             if o.grad_clip > 0:
                 gn = self.accelerator.clip_grad_norm_(self.policy.parameters(), o.grad_clip)
             else:
@@ -406,6 +411,21 @@ class GRPOTrainer:
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """The mean of every rank's gradient (ranks without a micro-batch contribute zeros)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.policy.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
 
     @torch.no_grad()
     def _old_logprobs(self, trajs, advantages, keep) -> list[torch.Tensor]:
