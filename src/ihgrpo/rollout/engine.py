@@ -305,7 +305,8 @@ class RolloutEngine:
         traj.turns.append(record)
         window[traj.uid] += text
         action = next_action(end, len(traj.turns), cfg.max_turns)
-        if end is TurnEnd.BUDGET or len(traj.response_ids) >= cfg.max_response_tokens and action == "execute":
+        out_of_room = action == "execute" and len(traj.response_ids) >= cfg.max_response_tokens
+        if end is TurnEnd.BUDGET or out_of_room:  # no room left for an observation and a reply
             traj.truncated = True
             return None
         if action == "stop":
