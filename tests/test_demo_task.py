@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
-from ihgrpo.demo.task import (Problem, TaskConfig, check_problem, generate_problems, make_problem,
+from ihgrpo.demo.task import (OPS, Problem, TaskConfig, check_problem, generate_problems, make_problem,
                               split_of)
 from ihgrpo.demo.tokenizer import (BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, OBSERVATION_END_TOKEN, PAD_TOKEN,
                                    build_tokenizer, render_chat)
@@ -57,23 +58,29 @@ def test_problem_shape_and_answers():
         names = [s.name for s in p.steps]
         assert names == list("abcdefg"[:len(names)])
         for s in p.steps[1:]:  # every later step depends on an earlier variable
-            assert any(v in s.expr.replace("range", "").replace("pow", "").replace("sum", "")
-                       for v in names[:names.index(s.name)])
+            assert any(re.search(rf"\b{v}\b", s.expr) for v in names[:names.index(s.name)])
         assert all(s.text in p.question for s in p.steps)
         assert len(p.question) < 400
         assert Problem.from_dict(p.to_dict()) == p
     ops = {s.op for p in problems for s in p.steps}
-    assert ops == {"mul", "add", "sub", "div", "mod", "pow", "sum"}
+    assert ops == set(OPS)
     # large numbers: most first steps are beyond mental arithmetic
     assert sum(p.steps[0].value > 10 ** 5 for p in problems) > len(problems) // 2
 
 
 def test_difficulty_knobs():
-    cfg = TaskConfig(min_steps=5, max_steps=5, max_factor_digits=2, ops=("mul", "mod", "add"))
+    cfg = TaskConfig(min_steps=5, max_steps=5, start_digits=(2, 2), ops=("mul", "mod", "add"))
     ps = generate_problems(50, seed=2, cfg=cfg)
     assert all(p.n_steps == 5 for p in ps)
     assert all(s.op in ("mul", "mod", "add") for p in ps for s in p.steps)
     assert all(check_problem(p) for p in ps)
+    assert all(re.match(r"Let a be \d\d times \d\.", p.question) for p in ps)  # 2-digit start number
+    code = generate_problems(20, seed=2, cfg=TaskConfig(phrasing="code"))
+    assert all(p.question.splitlines()[:-1] == [s.code for s in p.steps] for p in code)
+    with pytest.raises(ValueError):
+        TaskConfig(ops=("mod", "div"))  # nothing makes numbers grow
+    with pytest.raises(ValueError):
+        TaskConfig(start_digits=(3, 2))
     with pytest.raises(ValueError):
         TaskConfig(min_steps=4, max_steps=3)
     with pytest.raises(ValueError):
@@ -142,6 +149,9 @@ def test_tokenizer_is_deterministic_and_small(tok):
     again = build_tokenizer()
     assert again.get_vocab() == tok.get_vocab()
     assert 300 <= len(tok) <= 1024
+    # every word of the task is one token (short sequences, and one token to copy per word)
+    for word in (" squared", " times", " divided", " rounded", " plus", " minus"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
 
 
 def test_save_and_load(tok, tmp_path):

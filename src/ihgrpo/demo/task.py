@@ -26,17 +26,20 @@ __all__ = ["Step", "Problem", "TaskConfig", "OPS", "make_problem", "split_of", "
 
 VARIABLE_NAMES = "abcdefghjkmnpqrstuvwxyz"  # no i, l, o: easy to confuse in print
 
-# op -> (sentence template, expression template)
+# op -> (phrase, expression); the sentence is "Let {v} be <phrase>." and the code "{v} = <expression>".
 OPS: dict[str, tuple[str, str]] = {
-    "mul": ("Let {v} be {x} times {y}.", "{x} * {y}"),
-    "add": ("Let {v} be {x} plus {y}.", "{x} + {y}"),
-    "sub": ("Let {v} be {x} minus {y}.", "{x} - {y}"),
-    "div": ("Let {v} be {x} divided by {y}, rounded down.", "{x} // {y}"),
-    "mod": ("Let {v} be {x} mod {y}.", "{x} % {y}"),
-    "pow": ("Let {v} be {x} to the power {y} mod {m}.", "pow({x}, {y}, {m})"),
-    "sum": ("Let {v} be the sum of the integers from {x} to {y}.", "sum(range({x}, {y} + 1))"),
+    "mul": ("{x} times {y}", "{x} * {y}"),
+    "add": ("{x} plus {y}", "{x} + {y}"),
+    "sub": ("{x} minus {y}", "{x} - {y}"),
+    "square": ("{x} squared", "{x} ** 2"),
+    "cube": ("{x} cubed", "{x} ** 3"),
+    "pow": ("{x} to the power {y}", "{x} ** {y}"),
+    "div": ("{x} divided by {y}, rounded down", "{x} // {y}"),
+    "mod": ("{x} mod {y}", "{x} % {y}"),
+    "digitsum": ("the digit sum of {x}", "sum(map(int, str({x})))"),
+    "last3": ("the last three digits of {x}", "{x} % 1000"),
+    "range": ("the sum of 1 to {x}", "sum(range({x} + 1))"),
 }
-
 
 @dataclass(frozen=True)
 class Step:
@@ -83,22 +86,23 @@ class TaskConfig:
 
     min_steps: int = 3
     max_steps: int = 7
-    max_factor_digits: int = 5  # literal factors of a product (and first-step terms)
-    max_divisor_digits: int = 3  # divisors of a rounded-down division
-    max_modulus_digits: int = 4  # moduli of mod and of modular powers
-    max_exponent: int = 99
-    max_range: int = 9999  # endpoints of literal range sums
-    max_value: int = 10 ** 12  # intermediate values stay below this (only reducing ops above 10^7)
-    var_operand_prob: float = 0.2  # chance that a second operand is an earlier variable
-    ops: tuple[str, ...] = ("mul", "add", "sub", "div", "mod", "pow", "sum")
-    # "words": "Let b be a divided by 97, rounded down."; "code": "Let b = a // 97." (the code
-    # line verbatim: a tiny model only has to copy it)
+    start_digits: tuple[int, int] = (3, 4)  # the first step's number
+    literal_digits: tuple[int, int] = (1, 1)  # every other number in the question
+    max_value: int = 10 ** 12  # every intermediate value stays below this
+    min_answer: int = 100  # the last step is redrawn (a few times) while its value is below this
+    var_operand_prob: float = 0.25  # chance that "times" / "plus" take an earlier variable
+    ops: tuple[str, ...] = tuple(OPS)
+    # "words": "Let b be a divided by 7, rounded down."; "code": the code lines themselves,
+    # one per line ("b = a // 7")
     phrasing: str = "words"
     test_fraction: float = 0.2  # share of the question space that is held out
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps <= len(VARIABLE_NAMES):
             raise ValueError(f"need 1 <= min_steps <= max_steps <= {len(VARIABLE_NAMES)}")
+        for lo, hi in (self.start_digits, self.literal_digits):
+            if not 1 <= lo <= hi:
+                raise ValueError("digit ranges need 1 <= low <= high")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError("test_fraction must be in (0, 1)")
         if self.phrasing not in ("words", "code"):
@@ -106,78 +110,75 @@ class TaskConfig:
         unknown = set(self.ops) - set(OPS)
         if unknown:
             raise ValueError(f"unknown ops {sorted(unknown)}")
+        if not {"square", "mul", "add", "cube", "pow"} & set(self.ops):
+            raise ValueError("ops need one that grows a value (square, cube, pow, mul or add)")
 
 
-def _num(rng: random.Random, lo_digits: int, hi_digits: int) -> int:
-    digits = rng.randint(lo_digits, hi_digits)
-    return rng.randint(10 ** (digits - 1) if digits > 1 else 2, 10 ** digits - 1)
+def _num(rng: random.Random, digits: tuple[int, int], lo: int = 2) -> int:
+    d = rng.randint(*digits)
+    return rng.randint(max(lo, 10 ** (d - 1)), 10 ** d - 1)
 
 
-def _range_sum(lo: int, hi: int) -> int:
-    return (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+def _valid(op: str, p: int, cfg: TaskConfig) -> bool:
+    """Whether ``op`` can apply to the value ``p`` (keeping values in range and not trivial)."""
+    big = cfg.max_value
+    lit_max = 10 ** cfg.literal_digits[1] - 1
+    return {
+        "mul": 2 <= p and p * lit_max < big,
+        "add": p < big - lit_max,
+        "sub": p > 10 ** cfg.literal_digits[0],
+        "square": 2 <= p and p * p < big,
+        "cube": 2 <= p and p ** 3 < big,
+        "pow": 2 <= p and p ** min(9, lit_max) < big,
+        "div": p >= 10 * lit_max,
+        "mod": p > lit_max,
+        "digitsum": p >= 100,
+        "last3": p >= 10 ** 4,
+        "range": 2 <= p <= 10 ** 5,
+    }[op]
 
 
-def _first_step(rng: random.Random, cfg: TaskConfig, v: str) -> tuple[str, dict, int]:
-    ops = [o for o in ("mul", "sum", "pow") if o in cfg.ops] or ["mul"]
+def _apply(op: str, p: int, y: int | None) -> int:
+    return {
+        "mul": lambda: p * y, "add": lambda: p + y, "sub": lambda: p - y,
+        "square": lambda: p * p, "cube": lambda: p ** 3, "pow": lambda: p ** y,
+        "div": lambda: p // y, "mod": lambda: p % y,
+        "digitsum": lambda: sum(map(int, str(p))), "last3": lambda: p % 1000,
+        "range": lambda: p * (p + 1) // 2,
+    }[op]()
+
+
+FIRST_OPS = ("square", "cube", "mul", "pow", "range")  # the first step grows its number
+
+
+def _draw_step(rng: random.Random, cfg: TaskConfig, x: str, p: int, earlier: list[Step],
+               first: bool = False) -> tuple[str, str | None, int]:
+    """(op, second operand as text or None, value) for an op on ``x`` (value ``p``)."""
+    ops = [o for o in cfg.ops if _valid(o, p, cfg) and (not first or o in FIRST_OPS)]
+    ops = ops or [o for o in cfg.ops if _valid(o, p, cfg)] or ["add"]
     op = rng.choice(ops)
-    if op == "mul":
-        x, y = _num(rng, 2, cfg.max_factor_digits), _num(rng, 2, cfg.max_factor_digits)
-        return op, {"x": x, "y": y}, x * y
-    if op == "sum":
-        x = rng.randint(1, cfg.max_range // 2)
-        y = rng.randint(x + 1, cfg.max_range)
-        return op, {"x": x, "y": y}, _range_sum(x, y)
-    x = _num(rng, 3, cfg.max_factor_digits)
-    e = rng.randint(2, cfg.max_exponent)
-    m = _num(rng, 3, cfg.max_modulus_digits)
-    return op, {"x": x, "y": e, "m": m}, pow(x, e, m)
-
-
-def _next_step(rng: random.Random, cfg: TaskConfig, prev: Step, earlier: list[Step]) -> tuple[str, dict, int]:
-    p = prev.value
-    small = [s for s in earlier if s.value < 10 ** 6]
-    choices = []
-    for op in cfg.ops:
-        if op in ("mul", "add") and p < 10 ** 7:
-            choices.append(op)
-        elif op == "sub" and 1000 < p < 10 ** 9:
-            choices.append(op)
-        elif op == "div" and p >= 10 ** 4:
-            choices.append(op)
-        elif op == "mod" and p >= 1000:
-            choices.append(op)
-        elif op == "pow" and p >= 2:
-            choices.append(op)
-        elif op == "sum" and 2 <= p <= 5000:
-            choices.append(op)
-    if not choices:  # tiny values: grow them
-        choices = [o for o in ("mul", "add") if o in cfg.ops] or ["pow"]
-    op = rng.choice(choices)
-    x = prev.name
+    if op in ("square", "cube", "digitsum", "last3", "range"):
+        return op, None, _apply(op, p, None)
     if op in ("mul", "add"):
-        if small and rng.random() < cfg.var_operand_prob:
-            other = rng.choice(small)
-            return op, {"x": x, "y": other.name}, p * other.value if op == "mul" else p + other.value
-        y = _num(rng, 2, cfg.max_factor_digits if op == "add" or p < 10 ** 3 else 3)
-        return op, {"x": x, "y": y}, p * y if op == "mul" else p + y
+        others = [s for s in earlier if s.name != x and _apply(op, p, s.value) < cfg.max_value]
+        if others and rng.random() < cfg.var_operand_prob:
+            other = rng.choice(others)
+            return op, other.name, _apply(op, p, other.value)
     if op == "sub":
-        y = rng.randint(10, min(p - 1, 10 ** cfg.max_factor_digits - 1))
-        return op, {"x": x, "y": y}, p - y
-    if op == "div":
-        y = _num(rng, 2, min(cfg.max_divisor_digits, len(str(p)) - 2))
-        return op, {"x": x, "y": y}, p // y
-    if op == "mod":
-        y = _num(rng, 2, min(cfg.max_modulus_digits, len(str(p)) - 1))
-        return op, {"x": x, "y": y}, p % y
-    if op == "pow":
-        e = rng.randint(2, cfg.max_exponent)
-        m = _num(rng, 3, cfg.max_modulus_digits)
-        return op, {"x": x, "y": e, "m": m}, pow(p, e, m)
-    # sum: from the variable to a literal above it, or from 1 to the variable
-    if rng.random() < 0.5:
-        return op, {"x": 1, "y": x}, _range_sum(1, p)
-    y = rng.randint(p + 1, p + cfg.max_range)
-    return op, {"x": x, "y": y}, _range_sum(p, y)
+        y = _num(rng, cfg.literal_digits, lo=1)
+        while y >= p:
+            y = _num(rng, cfg.literal_digits, lo=1)
+    elif op == "pow":
+        y = 2
+        for _ in range(20):
+            y = rng.randint(2, min(9, 10 ** cfg.literal_digits[1] - 1))
+            if p ** y < cfg.max_value:
+                break
+        else:
+            y = 2
+    else:
+        y = _num(rng, cfg.literal_digits)
+    return op, str(y), _apply(op, p, y)
 
 
 def make_problem(rng: random.Random, cfg: TaskConfig | None = None, n_steps: int | None = None) -> Problem:
@@ -189,19 +190,21 @@ def make_problem(rng: random.Random, cfg: TaskConfig | None = None, n_steps: int
     steps: list[Step] = []
     for i in range(k):
         v = VARIABLE_NAMES[i]
-        for _ in range(100):
-            op, args, value = (_first_step(rng, cfg, v) if i == 0
-                               else _next_step(rng, cfg, steps[-1], steps[:-1]))
-            if 0 <= value < cfg.max_value:
+        if i == 0:
+            start = _num(rng, cfg.start_digits)
+            x, p = str(start), start
+        else:
+            x, p = steps[-1].name, steps[-1].value
+        for _ in range(50):  # the answer is not tiny (not guessable)
+            op, y, value = _draw_step(rng, cfg, x, p, steps, first=i == 0)
+            if i < k - 1 or value >= cfg.min_answer:
                 break
-        else:  # pragma: no cover - the ops keep values in range
-            raise RuntimeError("could not draw a step in range")
-        sentence, expr = OPS[op]
-        fmt = {"v": v, **{k2: str(a) for k2, a in args.items()}}
-        expr = expr.format(**fmt)
-        text = sentence.format(**fmt) if cfg.phrasing == "words" else f"Let {v} = {expr}."
+        phrase, expr = OPS[op]
+        expr = expr.format(x=x, y=y)
+        text = f"Let {v} be {phrase.format(x=x, y=y)}." if cfg.phrasing == "words" else f"{v} = {expr}"
         steps.append(Step(name=v, expr=expr, value=int(value), op=op, text=text))
-    question = " ".join(s.text for s in steps) + f" What is {steps[-1].name}?"
+    sep = " " if cfg.phrasing == "words" else "\n"
+    question = sep.join(s.text for s in steps) + f"{sep}What is {steps[-1].name}?"
     return Problem(question=question, answer=str(steps[-1].value), steps=steps)
 
 
@@ -241,7 +244,7 @@ def check_problem(problem: Problem) -> bool:
     """Runs the steps' code and compares every value (and the answer)."""
     ns: dict = {}
     for s in problem.steps:
-        exec(s.code, {"__builtins__": {"pow": pow, "sum": sum, "range": range}}, ns)
+        exec(s.code, {"__builtins__": {"sum": sum, "range": range, "map": map, "int": int, "str": str}}, ns)
         if ns[s.name] != s.value:
             return False
     return str(ns[problem.steps[-1].name]) == problem.answer

@@ -70,9 +70,10 @@ def tokenizer_corpus(n: int = 600, seed: int = 0) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 384, *, corpus: list[str] | None = None, n_corpus: int = 600,
+def build_tokenizer(vocab_size: int = 640, *, corpus: list[str] | None = None, n_corpus: int = 600,
                     seed: int = 0, structure_tokens: bool = True) -> PreTrainedTokenizerFast:
-    """The demo tokenizer: 5 special tokens + 256 bytes + merges up to ``vocab_size``.
+    """The demo tokenizer: 5 special tokens + 256 bytes + merges up to ``vocab_size`` (the demo's
+    corpus runs out of merges near 470 tokens: every word of the task is then one token).
 
     Deterministic: the corpus comes from a fixed seed and ties between merges are broken by the
     trainer's ordering, so two builds give the same vocabulary (a test checks it).
