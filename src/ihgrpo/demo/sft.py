@@ -48,15 +48,17 @@ from .task import Problem, TaskConfig, generate_problems
 
 __all__ = ["DEMO_INSTRUCTION", "STYLES", "DEFAULT_STYLE_WEIGHTS", "LocalInterpreter", "plan_turns",
            "trace_texts", "Trace", "build_trace", "build_traces", "sample_style", "SFTConfig",
-           "SFTResult", "collate", "train_sft", "score_answer", "evaluate_model", "demo_rollout_config"]
+           "SFTResult", "collate", "train_sft", "teacher_forced_accuracy", "decision_positions", "score_answer",
+           "evaluate_model", "demo_rollout_config"]
 
 # Short on purpose: a long instruction would dominate a tiny model's context.
 DEMO_INSTRUCTION = r"Python blocks wait until {execute_token} runs them. Answer in \boxed{}."
 
 STYLES = ("stepwise", "deferred", "grouped", "error_fix")
-# The share of stepwise traces sets the SFT model's accuracy under the turn cap. With more than
-# half stepwise, even greedy decoding starts by executing after the first block.
-DEFAULT_STYLE_WEIGHTS = {"stepwise": 0.55, "deferred": 0.2, "grouped": 0.17, "error_fix": 0.08}
+# Mostly stepwise: the SFT policy then executes after every block (greedy decoding does), which
+# runs out of turns on problems longer than max_turns - 1 steps. The other styles keep deferring
+# in the policy's support, so RL can find it and learn it.
+DEFAULT_STYLE_WEIGHTS = {"stepwise": 0.7, "deferred": 0.14, "grouped": 0.08, "error_fix": 0.08}
 
 _CELL = "<cell>"
 
@@ -276,11 +278,16 @@ def build_traces(problems: list[Problem], tokenizer, *, seed: int = 0,
 
 @dataclass
 class SFTConfig:
-    steps: int = 120
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3  # 3e-3 never formed the copying circuit in 300 steps
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
-    warmup_steps: int = 10
+    warmup_steps: int = 20
+    # A short copying curriculum first (see copy_warmup): without it the model needs about twice
+    # the trace steps before it copies numbers at all.
+    copy_steps: int = 300
+    copy_batch_size: int = 32
+    copy_lr: float = 1e-3
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
@@ -302,6 +309,7 @@ class SFTResult:
     model_tokens: int  # tokens with loss
     n_traces: int
     style_counts: dict[str, int]
+    copy_losses: list[float] = field(default_factory=list)  # the copy warm-up's
 
 
 def collate(traces: list[Trace], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,16 +328,27 @@ def collate(traces: list[Trace], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(model, traces: list[Trace], pad_id: int, batch_size: int = 32) -> dict[str, float]:
-    """Greedy agreement on model tokens given the trace's context: ``exact`` is the share of
-    traces whose every model token is the argmax (greedy decoding would then write the trace
-    exactly), ``token`` the share of model tokens that are, ``digit`` the same for digits."""
+def teacher_forced_accuracy(model, traces: list[Trace], tokenizer, batch_size: int = 32, *,
+                            skip_decisions: bool = True) -> dict[str, float]:
+    """Greedy agreement on model tokens given the trace's context.
+
+    ``exact``: the share of traces whose every scored model token is the argmax; ``token``: the
+    share of scored tokens that are. With ``skip_decisions`` the execute-or-continue choices (the
+    token right after each closing fence) are not scored: the style mix makes them deliberately
+    uncertain, and this measures how well the model writes code and copies answers.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was = model.training
     model.eval()
     exact = tok_ok = tok_n = 0
     try:
         for i in range(0, len(traces), batch_size):
-            ids, labels = collate(traces[i:i + batch_size], pad_id)
+            batch = traces[i:i + batch_size]
+            ids, labels = collate(batch, pad)
+            if skip_decisions:
+                for b, tr in enumerate(batch):
+                    for j in decision_positions(tr, tokenizer):
+                        labels[b, j] = -100
             pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
             target = labels[:, 1:]
             on = target != -100
@@ -340,6 +359,82 @@ def teacher_forced_accuracy(model, traces: list[Trace], pad_id: int, batch_size:
     finally:
         model.train(was)
     return {"exact": exact / max(1, len(traces)), "token": tok_ok / max(1, tok_n)}
+
+
+def decision_positions(tr: Trace, tokenizer) -> list[int]:
+    """Positions (in ``input_ids``) of the model tokens that directly follow a closed block's
+    fence line: where the policy chooses between E and going on."""
+    out = []
+    pos = len(tr.prompt_ids)
+    for i, ids in enumerate(tr.turn_ids):
+        text = ""
+        for j, t in enumerate(ids):
+            if j and _ends_block(text):
+                out.append(pos + j)
+            text += tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        pos += len(ids) + (len(tr.observation_ids[i]) if i < len(tr.observation_ids) else 0)
+    return out
+
+
+def _ends_block(text: str) -> bool:
+    from ihgrpo.protocol import find_code_blocks
+
+    if not text.endswith("```\n"):
+        return False
+    blocks = find_code_blocks(text)
+    return bool(blocks) and blocks[-1].end == len(text)
+
+
+def copy_batch(tokenizer, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random segments (half of them digits) and then the same segments again; loss on the copy.
+
+    Copying a span seen earlier is what the task needs most (numbers from the question into code,
+    the printed value into \\boxed{}), and it is learnt in a sudden phase change that dense copy
+    data brings on within a few hundred cheap steps.
+    """
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    digits = tokenizer.convert_tokens_to_ids([str(d) for d in range(10)])
+    space = tokenizer.encode(" ", add_special_tokens=False)
+    sep = tokenizer.encode(" =", add_special_tokens=False)
+    seqs = []
+    for _ in range(batch_size):
+        src: list[int] = []
+        for _ in range(3):
+            alphabet = digits if rng.random() < 0.5 else vocab
+            src += [rng.choice(alphabet) for _ in range(rng.randint(3, 8))] + space
+        seqs.append((src + sep + src, len(src) + len(sep)))
+    T = max(len(q) for q, _ in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((batch_size, T), pad, dtype=torch.long)
+    labels = torch.full((batch_size, T), -100, dtype=torch.long)
+    for i, (q, start) in enumerate(seqs):
+        ids[i, :len(q)] = torch.tensor(q)
+        labels[i, start:len(q)] = ids[i, start:len(q)]
+    return ids, labels
+
+
+def copy_warmup(model, tokenizer, steps: int, *, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                log: Callable[[str], None] | None = print) -> list[float]:
+    """Trains ``model`` in place on :func:`copy_batch` data; returns the losses. Deterministic."""
+    rng = random.Random(f"ihgrpo-copy-{seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20)
+        ids, labels = copy_batch(tokenizer, rng, batch_size)
+        loss = _loss(model, ids, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log and (step % 50 == 0 or step == steps - 1):
+            log(f"copy warm-up step {step + 1}/{steps} loss {losses[-1]:.4f} {time.perf_counter() - t0:.1f}s")
+    return losses
 
 
 def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -379,6 +474,14 @@ def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: li
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
+    copy_losses = []
+    if cfg.copy_steps:
+        try:
+            copy_losses = copy_warmup(model, tokenizer, cfg.copy_steps, batch_size=cfg.copy_batch_size,
+                                      lr=cfg.copy_lr, seed=cfg.seed, log=log)
+        except BaseException:
+            torch.use_deterministic_algorithms(prev_det)
+            raise
     decay = [p for n_, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n_, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -413,7 +516,7 @@ def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: li
                 log(f"sft step {step + 1}/{len(batches)} loss {losses[-1]:.4f} lr {lr_at(step):.2e} "
                     f"{time.perf_counter() - t0:.1f}s cpu {time.process_time() - c0:.1f}s")
             if eval_traces and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and log:
-                acc = teacher_forced_accuracy(model, eval_traces, pad)
+                acc = teacher_forced_accuracy(model, eval_traces, tokenizer)
                 log(f"sft step {step + 1} teacher-forced exact {acc['exact']:.3f} token {acc['token']:.4f} "
                     f"cpu {time.process_time() - c0:.1f}s")
             if cfg.max_time_s is not None and time.perf_counter() - t_train > cfg.max_time_s:
@@ -425,7 +528,8 @@ def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: li
     tail = losses[-10:]
     return SFTResult(losses=losses, final_loss=sum(tail) / len(tail), steps=len(losses),
                      time_s=time.perf_counter() - t0, tokens=tokens, model_tokens=model_tokens,
-                     n_traces=len(traces), style_counts=counts)
+                     n_traces=len(traces), style_counts=counts,
+                     copy_losses=copy_losses)
 
 
 # ----------------------------------------------------------------------------- evaluation
