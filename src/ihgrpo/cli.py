@@ -54,15 +54,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return walkthrough(args.out)
     import torch
 
-    from ihgrpo.demo.pipeline import run_compare, run_demo
+    from ihgrpo.demo.pipeline import DemoSettings, run_compare, run_demo
 
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # a 1-M-parameter model: per-op overhead dominates, one thread is fastest
+        # At most two threads: a 1-M-parameter model gains nothing from more, and oversubscribed
+        # OpenMP threads on a busy machine are many times slower than one.
+        torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
     out = args.out or ("runs/demo-compare" if args.compare else "runs/demo")
+    settings = DemoSettings.quick() if args.quick else DemoSettings.full()
     if args.compare:
-        run_compare(out, overrides=args.overrides, seeds=args.seeds)
+        run_compare(out, overrides=args.overrides, seeds=args.seeds, settings=settings)
     else:
-        run_demo(out, overrides=args.overrides, fresh=args.fresh)
+        run_demo(out, overrides=args.overrides, fresh=args.fresh, settings=settings)
     return 0
 
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
     demo = sub.add_parser("demo", help="run the embedded main job: a tiny model learns delayed tool use")
     demo.add_argument("--out", default=None, help="directory for the outputs (default runs/demo)")
+    demo.add_argument("--quick", action="store_true",
+                      help="the reduced run CI uses: smaller model and task, a few RL steps (about 2 minutes)")
     demo.add_argument("--fresh", action="store_true", help="retrain the SFT start instead of reusing the cache")
     demo.add_argument("--compare", action="store_true",
                       help="IH-GRPO vs GRPO-D vs EH-GRPO vs GRPO-C on the same budget")

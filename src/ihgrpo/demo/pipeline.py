@@ -15,34 +15,86 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ihgrpo.data import Example
 
 HELDOUT_SEED = "heldout"
-N_HELDOUT = 64  # problems in the held-out evaluation
-N_CURVE = 32  # problems in the evaluations along the RL curve
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that sizes a demo run besides the RL config (configs/demo.yaml).
+
+    ``full()`` is ``ihgrpo demo``; ``quick()`` is the reduced run CI uses to check that RL
+    really improves the policy (``ihgrpo demo --quick``, about two minutes).
+    """
+
+    name: str = "full"
+    min_steps: int = 3  # problem lengths (steps); the generator can go to 7
+    max_steps: int = 5
+    # no digit sums (the longest code to write, and the op the model confused most)
+    ops: tuple[str, ...] = ("mul", "add", "sub", "square", "cube", "pow", "div", "mod", "last3", "range")
+    max_value: int = 10 ** 10  # answers of up to 10 digits, copied into \\boxed{} digit by digit
+    model: tuple[tuple[str, Any], ...] = ()  # build_model overrides, e.g. (("hidden_size", 96),)
+    sft_steps: int = 450
+    copy_steps: int = 300
+    n_heldout: int = 64  # problems in the before / after evaluations
+    n_curve: int = 32  # problems in the evaluations along the RL curve (0: none)
+    rl: tuple[str, ...] = ()  # RL overrides applied before the user's
+
+    @classmethod
+    def full(cls) -> "DemoSettings":
+        # 3 to 5 steps: after the SFT budget the 0.9 M-parameter model copies 6- and 7-step
+        # problems right only about one time in five (greedy), and RL cannot make up for it.
+        return cls()
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        # 3-step problems and 3 turns: a stepwise policy (4 turns) never fits, a deferring one does.
+        return cls(name="quick", min_steps=3, max_steps=3,
+                   model=(("hidden_size", 96), ("intermediate_size", 288), ("num_attention_heads", 4),
+                          ("num_key_value_heads", 4), ("head_dim", 24)),
+                   sft_steps=150, copy_steps=250, n_heldout=32, n_curve=0,
+                   rl=("rollout.max_turns=3", "max_steps=10", "save_every=10", "prompts_per_step=6", "optim.lr=2e-4"))
+
+    def task(self):
+        from .task import TaskConfig
+
+        return TaskConfig(min_steps=self.min_steps, max_steps=self.max_steps, ops=self.ops,
+                          max_value=self.max_value)
+
+    def sft_config(self):
+        from .sft import DEFAULT_STYLE_WEIGHTS, SFTConfig
+
+        # explicit weights, so that the cache key changes with them
+        return SFTConfig(steps=self.sft_steps, copy_steps=self.copy_steps, task=self.task(),
+                         style_weights=dict(DEFAULT_STYLE_WEIGHTS))
 
 
 # ----------------------------------------------------------------------------- data
-def demo_examples(split: str = "train", limit: int | None = None, seed: str = "rl") -> list[Example]:
+def demo_examples(split: str = "train", limit: int | None = None, seed: str = "rl",
+                  settings: DemoSettings | None = None) -> list[Example]:
     """Demo problems as Examples ("heldout" never shares a question with "train")."""
     from .task import generate_problems
 
-    n = limit or (N_HELDOUT if split != "train" else 4096)
+    settings = settings or DemoSettings.full()
+    n = limit or (settings.n_heldout if split != "train" else 4096)
     name = "test" if split in ("heldout", "test") else "train"
     seed = HELDOUT_SEED if name == "test" else seed
     return [Example(p.question, p.answer, f"demo-{name}-{i}", "demo")
-            for i, p in enumerate(generate_problems(n, seed=seed, split=name))]
+            for i, p in enumerate(generate_problems(n, seed=seed, split=name, cfg=settings.task()))]
 
 
-def heldout_problems(n: int = N_HELDOUT):
+def heldout_problems(n: int | None = None, settings: DemoSettings | None = None):
     from .task import generate_problems
 
-    return generate_problems(n, seed=HELDOUT_SEED, split="test")
+    settings = settings or DemoSettings.full()
+    return generate_problems(n or settings.n_heldout, seed=HELDOUT_SEED, split="test", cfg=settings.task())
 
 
 # ----------------------------------------------------------------------------- SFT start
@@ -52,23 +104,19 @@ def _cache_root() -> Path:
     return Path(base) / "demo-sft"
 
 
-def sft_settings():
-    from .sft import SFTConfig
-
-    return SFTConfig()
-
-
-def sft_key(cfg) -> str:
+def sft_key(settings: DemoSettings) -> str:
     import transformers
 
     import ihgrpo
 
-    blob = json.dumps({"sft": asdict(cfg), "ihgrpo": ihgrpo.__version__, "torch": torch.__version__.split("+")[0],
+    blob = json.dumps({"sft": asdict(settings.sft_config()), "model": list(settings.model),
+                       "ihgrpo": ihgrpo.__version__, "torch": torch.__version__.split("+")[0],
                        "transformers": transformers.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def sft_start(cache_dir: str | Path | None = None, *, fresh: bool = False, log=print):
+def sft_start(cache_dir: str | Path | None = None, *, fresh: bool = False, log=print,
+              settings: DemoSettings | None = None):
     """The SFT warm start (model, tokenizer): loaded from the cache, or trained and cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,16 +124,17 @@ def sft_start(cache_dir: str | Path | None = None, *, fresh: bool = False, log=p
     from .sft import train_sft
     from .tokenizer import build_tokenizer
 
-    cfg = sft_settings()
-    path = Path(cache_dir) if cache_dir else _cache_root() / sft_key(cfg)
+    settings = settings or DemoSettings.full()
+    cfg = settings.sft_config()
+    path = Path(cache_dir) if cache_dir else _cache_root() / sft_key(settings)
     if not fresh and (path / "DONE").exists():
         log(f"[demo] reusing the cached SFT start: {path}")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     tok = build_tokenizer()
-    model = build_model(tok, seed=cfg.seed)
+    model = build_model(tok, seed=cfg.seed, **dict(settings.model))
     log(f"[demo] SFT warm start: {count_parameters(model) / 1e6:.2f} M parameters, vocabulary {len(tok)}, "
-        f"{cfg.steps} steps of {cfg.batch_size} traces")
+        f"copy warm-up {cfg.copy_steps} steps, then {cfg.steps} steps of {cfg.batch_size} traces")
     res = train_sft(model, tok, cfg, log=lambda m: log(f"[demo] {m}"))
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,17 +180,19 @@ def rl_config(out_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
 
 
 def run_rl(model, tokenizer, out_dir: Path, overrides=(), *, curve_problems=None, max_turns: int | None = None,
-           log=print) -> list[dict]:
+           log=print, settings: DemoSettings | None = None) -> list[dict]:
     """IH-GRPO (by default) from the SFT start, with a held-out curve along the way."""
     from ihgrpo.trainer import GRPOTrainer
 
+    settings = settings or DemoSettings.full()
+    overrides = [*settings.rl, *overrides]
     cfg = rl_config(out_dir, overrides)
     turns = max_turns or cfg.rollout.max_turns
     eval_fn = None
     if curve_problems:
         def eval_fn(m):
             return summary(evaluate(m, tokenizer, curve_problems, max_turns=turns, mode=cfg.rollout.mode))
-    trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, examples=demo_examples("train"),
+    trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, examples=demo_examples("train", settings=settings),
                           reward_fn=exact_int_reward, eval_fn=eval_fn, eval_every=max(1, cfg.max_steps // 5))
     try:
         return trainer.train()
@@ -175,26 +226,29 @@ def plot_curves(history: list[dict], path: Path, before: dict | None = None) -> 
     plt.close(fig)
 
 
-def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=print) -> dict:
+def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=print,
+             settings: DemoSettings | None = None) -> dict:
     """SFT start -> held-out eval -> RL -> held-out eval; writes metrics.json, curves.png, model/,
     rollouts.html in out_dir."""
     from ihgrpo.viewer import write_viewer
 
+    settings = settings or DemoSettings.full()
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = sft_start(fresh=fresh, log=log)
+    model, tok = sft_start(fresh=fresh, log=log, settings=settings)
     t_sft = time.perf_counter() - t_start
-    cfg = rl_config(out / "rl", overrides)
+    cfg = rl_config(out / "rl", [*settings.rl, *overrides])
     turns = cfg.rollout.max_turns
-    heldout = heldout_problems()
+    heldout = heldout_problems(settings=settings)
     t0 = time.perf_counter()
     before = evaluate(model, tok, heldout, max_turns=turns, mode=cfg.rollout.mode)
     log(f"[demo] held-out before RL: accuracy {before['accuracy']:.3f}, delay-call rate "
         f"{before['delay_call_rate']:.2f}, tool calls {before['tool_calls_per_trajectory']:.2f} "
         f"({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
-    history = run_rl(model, tok, out / "rl", overrides, curve_problems=heldout[:N_CURVE], log=log)
+    history = run_rl(model, tok, out / "rl", overrides, curve_problems=heldout[:settings.n_curve], log=log,
+                     settings=settings)
     t_rl = time.perf_counter() - t0
     after = evaluate(model, tok, heldout, max_turns=turns, mode=cfg.rollout.mode, return_trajectories=True)
     trajs = after.pop("trajectories")
@@ -204,8 +258,10 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
     tok.save_pretrained(out / "model")
     result = {"before": summary(before), "after": summary(after),
               "heldout_problems": len(heldout), "rl_steps": len(history),
-              "settings": {"algorithm": "IH-GRPO", "lam": cfg.algo.lam, "max_turns": turns,
-                           "eval_temperature": 0.0, "overrides": list(overrides)},
+              "settings": {"demo": settings.name, "algorithm": "IH-GRPO", "lam": cfg.algo.lam,
+                           "max_turns": turns, "problem_steps": [settings.min_steps, settings.max_steps],
+                           "rl_temperature": cfg.rollout.temperature, "eval_temperature": 0.0,
+                           "overrides": [*settings.rl, *overrides]},
               "time_s": {"sft": t_sft, "rl": t_rl, "total": time.perf_counter() - t_start}}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     plot_curves(history, out / "curves.png", before=before)
@@ -223,7 +279,8 @@ METHODS = {  # name -> RL overrides (same budget for all)
 }
 
 
-def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print) -> dict:
+def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print,
+                settings: DemoSettings | None = None) -> dict:
     """The same RL budget for each method and seed, from the same SFT start; a table and a plot.
 
     Coupled (GRPO-C) starts from the delayed SFT model and is evaluated under its own protocol,
@@ -233,15 +290,16 @@ def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_problems()
+    settings = settings or DemoSettings.full()
+    heldout = heldout_problems(settings=settings)
     rows: dict[str, list[dict]] = {}
     for name, method in METHODS.items():
         for seed in range(seeds):
-            model, tok = sft_start(log=log)
-            ov = [*method, f"seed={seed}", "log.progress=false", *overrides]
+            model, tok = sft_start(log=log, settings=settings)
+            ov = [*settings.rl, *method, f"seed={seed}", "log.progress=false", *overrides]
             mode = "coupled" if "rollout.mode=coupled" in method else "delayed"
             t0 = time.perf_counter()
-            run_rl(model, tok, out / f"{name}-seed{seed}", ov, log=log)
+            run_rl(model, tok, out / f"{name}-seed{seed}", ov, log=log, settings=replace(settings, rl=()))
             res = summary(evaluate(model, tok, heldout, max_turns=rl_config(out, ov).rollout.max_turns, mode=mode))
             res["time_s"] = time.perf_counter() - t0
             rows.setdefault(name, []).append(res)
