@@ -159,6 +159,16 @@ def _pending(turn_text: str, execute_token: str) -> str | None:
     return pending_code(turn_text, execute_token=execute_token)
 
 
+def _run_turns(turns: list[str], execute_token: str) -> list[ExecResult | None]:
+    """The result of each turn but the last (None: nothing was pending), in one interpreter."""
+    interp = LocalInterpreter()
+    results = []
+    for text in turns[:-1]:
+        code = _pending(text, execute_token)
+        results.append(interp.run(code) if code is not None else None)
+    return results
+
+
 def trace_texts(problem: Problem, style: str, rng: random.Random, *,
                 execute_token: str = EXECUTE_TOKEN, max_chars: int = 2048):
     """(turn texts, observation texts, execution results) of one trace, code run in-process.
@@ -166,13 +176,8 @@ def trace_texts(problem: Problem, style: str, rng: random.Random, *,
     Observation texts are ``format_observation`` of the results (before token-level capping,
     which never applies to these short outputs)."""
     turns = plan_turns(problem, style, rng, execute_token)
-    interp = LocalInterpreter()
-    observations, results = [], []
-    for text in turns[:-1]:
-        code = _pending(text, execute_token)
-        result = interp.run(code) if code is not None else None
-        results.append(result)
-        observations.append(format_observation(result, max_chars=max_chars, nothing_pending=code is None))
+    results = _run_turns(turns, execute_token)
+    observations = [format_observation(r, max_chars=max_chars, nothing_pending=r is None) for r in results]
     return turns, observations, results
 
 
@@ -232,7 +237,6 @@ def build_trace(problem: Problem, style: str, chat, rng: random.Random, *,
     prompt = chat.prompt_ids(build_prompt(problem.question, instruction=instruction,
                                           execute_token=chat.execute_token))
     turns = plan_turns(problem, style, rng, chat.execute_token)
-    interp = LocalInterpreter()
     turn_ids, obs_ids, obs_texts = [], [], []
     for i, text in enumerate(turns):
         ids = tok.encode(text, add_special_tokens=False)
@@ -241,14 +245,11 @@ def build_trace(problem: Problem, style: str, chat, rng: random.Random, *,
         elif not ids or ids[-1] != chat.execute_token_id:
             raise AssertionError("a turn must end in the execute token")
         turn_ids.append(ids)
-        if i < len(turns) - 1:
-            code = _pending(text, chat.execute_token)
-            result = interp.run(code) if code is not None else None
-            otext, oids = chat.observation_ids(result, nothing_pending=code is None,
-                                               max_tokens=max_observation_tokens,
-                                               max_chars=observation_max_chars)
-            obs_ids.append(oids)
-            obs_texts.append(otext)
+    for result in _run_turns(turns, chat.execute_token):
+        otext, oids = chat.observation_ids(result, nothing_pending=result is None,
+                                           max_tokens=max_observation_tokens, max_chars=observation_max_chars)
+        obs_ids.append(oids)
+        obs_texts.append(otext)
     return Trace(problem, style, prompt, turn_ids, obs_ids, turns, obs_texts)
 
 
@@ -312,6 +313,10 @@ class SFTResult:
     copy_losses: list[float] = field(default_factory=list)  # the copy warm-up's
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(traces: list[Trace], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` [B, T] and ``labels`` [B, T] (-100 where no loss: prompt,
     observations, padding; otherwise the token itself, predicted from the positions before)."""
@@ -337,7 +342,7 @@ def teacher_forced_accuracy(model, traces: list[Trace], tokenizer, batch_size: i
     token right after each closing fence) are not scored: the style mix makes them deliberately
     uncertain, and this measures how well the model writes code and copies answers.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     was = model.training
     model.eval()
     exact = tok_ok = tok_n = 0
@@ -405,8 +410,7 @@ def copy_batch(tokenizer, rng: random.Random, batch_size: int) -> tuple[torch.Te
             src += [rng.choice(alphabet) for _ in range(rng.randint(3, 8))] + space
         seqs.append((src + sep + src, len(src) + len(sep)))
     T = max(len(q) for q, _ in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((batch_size, T), pad, dtype=torch.long)
+    ids = torch.full((batch_size, T), _pad_id(tokenizer), dtype=torch.long)
     labels = torch.full((batch_size, T), -100, dtype=torch.long)
     for i, (q, start) in enumerate(seqs):
         ids[i, :len(q)] = torch.tensor(q)
@@ -425,13 +429,7 @@ def copy_warmup(model, tokenizer, steps: int, *, batch_size: int = 32, lr: float
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 20)
-        ids, labels = copy_batch(tokenizer, rng, batch_size)
-        loss = _loss(model, ids, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(model, opt, *copy_batch(tokenizer, rng, batch_size), grad_clip=1.0))
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"copy warm-up step {step + 1}/{steps} loss {losses[-1]:.4f} {time.perf_counter() - t0:.1f}s")
     return losses
@@ -443,6 +441,17 @@ def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = labels[:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=-100)
+
+
+def _step(model, opt, ids: torch.Tensor, labels: torch.Tensor, *, grad_clip: float) -> float:
+    """One optimiser step on the token-mean loss; returns the loss."""
+    loss = _loss(model, ids, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach())
 
 
 def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: list[Problem] | None = None,
@@ -469,23 +478,11 @@ def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: li
         chunk = sorted(chunk, key=lambda t: len(t.input_ids))
         batches += [chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
     rng.shuffle(batches)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
 
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
-    copy_losses = []
-    if cfg.copy_steps:
-        try:
-            copy_losses = copy_warmup(model, tokenizer, cfg.copy_steps, batch_size=cfg.copy_batch_size,
-                                      lr=cfg.copy_lr, seed=cfg.seed, log=log)
-        except BaseException:
-            torch.use_deterministic_algorithms(prev_det)
-            raise
-    decay = [p for n_, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n_, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -493,23 +490,25 @@ def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: li
         frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    model.train()
+    copy_losses: list[float] = []
     losses: list[float] = []
     tokens = model_tokens = 0
-    t_train = time.perf_counter()
-    c0 = time.process_time()
     try:
+        if cfg.copy_steps:
+            copy_losses = copy_warmup(model, tokenizer, cfg.copy_steps, batch_size=cfg.copy_batch_size,
+                                      lr=cfg.copy_lr, seed=cfg.seed, log=log)
+        decay = [p for n_, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n_, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        model.train()
+        t_train = time.perf_counter()
+        c0 = time.process_time()
         for step, batch in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             ids, labels = collate(batch, pad)
-            loss = _loss(model, ids, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(_step(model, opt, ids, labels, grad_clip=cfg.grad_clip))
             tokens += sum(len(t.input_ids) for t in batch)
             model_tokens += int((labels != -100).sum())
             if log and (step % cfg.log_every == 0 or step == len(batches) - 1):
@@ -555,22 +554,6 @@ def demo_rollout_config(max_turns: int = 4, **overrides) -> "Any":
     return RolloutConfig(**kw)
 
 
-def _hf_generator(cls, model, tokenizer, seed):
-    """HFGenerator; adapted if its ``generate`` does not take ``request_ids`` (older versions)."""
-    import inspect
-
-    gen = cls(model, tokenizer, seed=seed)
-    if "request_ids" in inspect.signature(gen.generate).parameters:
-        return gen
-    from ihgrpo.rollout import Generator
-
-    class _Adapter(Generator):
-        def generate(self, prefixes, params, max_new_tokens=None, *, request_ids=None):  # noqa: ARG002
-            return gen.generate(prefixes, params, max_new_tokens)
-
-    return _Adapter()
-
-
 def evaluate_model(model, tokenizer, problems: list[Problem], *, max_turns: int = 4,
                    temperature: float = 1.0, top_p: float = 1.0, samples: int = 1, seed: int = 0,
                    pool=None, batch_size: int = 64, rollout_config=None,
@@ -592,7 +575,7 @@ def evaluate_model(model, tokenizer, problems: list[Problem], *, max_turns: int 
         pool = SandboxPool(max_workers=2, timeout_s=3.0)
     t0 = time.perf_counter()
     try:
-        gen = _hf_generator(HFGenerator, model, tokenizer, seed)
+        gen = HFGenerator(model, tokenizer, seed=seed)
         engine = RolloutEngine(gen, tokenizer, pool, cfg)
         params = SamplingParams(temperature=temperature, top_p=top_p,
                                 max_new_tokens=cfg.max_tokens_per_turn or cfg.max_response_tokens)
