@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,25 +172,26 @@ def exact_int_reward(answers, golds) -> list[float]:
     return [score_answer(a, g) for a, g in zip(answers, golds)]
 
 
-def rl_config(out_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+def rl_config(out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
+              settings: DemoSettings | None = None):
+    """configs/demo.yaml with the settings' RL overrides, then the caller's."""
     from ihgrpo.config import load_config
 
-    return load_config("demo", [f"output_dir={out_dir}", *overrides])
+    settings = settings or DemoSettings.full()
+    return load_config("demo", [f"output_dir={out_dir}", *settings.rl, *overrides])
 
 
-def run_rl(model, tokenizer, out_dir: Path, overrides=(), *, curve_problems=None, max_turns: int | None = None,
-           log=print, settings: DemoSettings | None = None) -> list[dict]:
-    """IH-GRPO (by default) from the SFT start, with a held-out curve along the way."""
+def run_rl(model, tokenizer, cfg, *, curve_problems=None, settings: DemoSettings | None = None) -> list[dict]:
+    """IH-GRPO (by default) from the SFT start, with a held-out curve along the way; ``cfg`` is
+    an :func:`rl_config`."""
     from ihgrpo.trainer import GRPOTrainer
 
     settings = settings or DemoSettings.full()
-    overrides = [*settings.rl, *overrides]
-    cfg = rl_config(out_dir, overrides)
-    turns = max_turns or cfg.rollout.max_turns
     eval_fn = None
     if curve_problems:
         def eval_fn(m):
-            return summary(evaluate(m, tokenizer, curve_problems, max_turns=turns, mode=cfg.rollout.mode))
+            return summary(evaluate(m, tokenizer, curve_problems, max_turns=cfg.rollout.max_turns,
+                                    mode=cfg.rollout.mode))
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, examples=demo_examples("train", settings=settings),
                           reward_fn=exact_int_reward, eval_fn=eval_fn, eval_every=max(1, cfg.max_steps // 5))
     try:
@@ -237,7 +238,7 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
     out.mkdir(parents=True, exist_ok=True)
     model, tok = sft_start(fresh=fresh, log=log, settings=settings)
     t_sft = time.perf_counter() - t_start
-    cfg = rl_config(out / "rl", [*settings.rl, *overrides])
+    cfg = rl_config(out / "rl", overrides, settings)
     turns = cfg.rollout.max_turns
     heldout = heldout_problems(settings=settings)
     t0 = time.perf_counter()
@@ -246,8 +247,7 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
         f"{before['delay_call_rate']:.2f}, tool calls {before['tool_calls_per_trajectory']:.2f} "
         f"({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
-    history = run_rl(model, tok, out / "rl", overrides, curve_problems=heldout[:settings.n_curve], log=log,
-                     settings=settings)
+    history = run_rl(model, tok, cfg, curve_problems=heldout[:settings.n_curve], settings=settings)
     t_rl = time.perf_counter() - t0
     after = evaluate(model, tok, heldout, max_turns=turns, mode=cfg.rollout.mode, return_trajectories=True)
     trajs = after.pop("trajectories")
@@ -295,11 +295,11 @@ def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print,
     for name, method in METHODS.items():
         for seed in range(seeds):
             model, tok = sft_start(log=log, settings=settings)
-            ov = [*settings.rl, *method, f"seed={seed}", "log.progress=false", *overrides]
-            mode = "coupled" if "rollout.mode=coupled" in method else "delayed"
+            cfg = rl_config(out / f"{name}-seed{seed}", [*method, f"seed={seed}", "log.progress=false", *overrides],
+                            settings)
             t0 = time.perf_counter()
-            run_rl(model, tok, out / f"{name}-seed{seed}", ov, log=log, settings=replace(settings, rl=()))
-            res = summary(evaluate(model, tok, heldout, max_turns=rl_config(out, ov).rollout.max_turns, mode=mode))
+            run_rl(model, tok, cfg, settings=settings)
+            res = summary(evaluate(model, tok, heldout, max_turns=cfg.rollout.max_turns, mode=cfg.rollout.mode))
             res["time_s"] = time.perf_counter() - t0
             rows.setdefault(name, []).append(res)
             log(f"[compare] {name} seed {seed}: accuracy {res['accuracy']:.3f}, delay-call rate "
@@ -319,7 +319,7 @@ def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print,
         lines.append(f"| {name} | {t['accuracy_mean']:.3f} ± {t['accuracy_std']:.3f} | "
                      f"{t['delay_call_rate_mean']:.2f} | {t['tool_calls_mean']:.2f} | {len(t['runs'])} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    log("\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
