@@ -1,6 +1,6 @@
 """A small GRPO run for tests/test_trainer.py (run as a subprocess so it can be SIGKILLed).
 
-    python tests/train_script.py OUT_DIR MAX_STEPS RESUME(0/1)
+    python tests/train_script.py OUT_DIR MAX_STEPS RESUME(0/1) [key=value ...]
 
 The reward favours even-length answers: a random tiny model gets a signal to learn from.
 """
@@ -18,8 +18,7 @@ def reward(answers, golds):  # noqa: ARG001
     return [float(a is not None and len(a) % 2 == 0) for a in answers]
 
 
-
-def main(out: str, max_steps: int, resume: bool) -> None:
+def main(out: str, max_steps: int, resume: bool, *overrides: str) -> None:
     tok = build_tokenizer(n_corpus=40)
     model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, head_dim=16, intermediate_size=64)
@@ -28,7 +27,7 @@ def main(out: str, max_steps: int, resume: bool) -> None:
         f"resume={'true' if resume else 'false'}", "seed=7", "prompts_per_step=2", "rollout.group_size=4",
         "rollout.max_response_tokens=24", "rollout.max_turns=2", "rollout.sandbox_workers=1",
         "optim.lr=0.003", "optim.micro_batch_size=4", "algo.reward=exact", "algo.dynamic_sampling=false",
-        "log.progress=false", "log.tensorboard=false"])
+        "log.progress=false", "log.tensorboard=false", *overrides])
     examples = [Example(f"What is {i} + {i}?", str(2 * i), str(i)) for i in range(6)]
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=examples, reward_fn=reward)
     # answers are rarely boxed by a random model: reward the raw text length's parity instead
@@ -48,4 +47,4 @@ def main(out: str, max_steps: int, resume: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", *sys.argv[4:])
