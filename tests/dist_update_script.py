@@ -58,7 +58,7 @@ def main(out: str, *overrides: str) -> None:
         grads = {}
         named = list(trainer._model().named_parameters())
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-        inner.register_step_pre_hook(lambda *_: grads.update({n: _whole(p.grad) for n, p in named}))
+        inner.register_step_pre_hook(lambda *_: grads.update({n: _whole(p.grad) for n, p in named if p.grad is not None}))
         stats = trainer._update(trajs[lo:hi], adv[lo:hi])
         params = {k: v.detach().clone() for k, v in trainer.dist.model_state_dict(trainer.policy).items()}
         gathers = _count_all_gathers()

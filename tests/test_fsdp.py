@@ -25,17 +25,20 @@ def _torchrun(script: str, *args: str, timeout: int = 300) -> None:
                    check=True, timeout=timeout, env=ENV)
 
 
-def test_fsdp_update_equals_one_process(tmp_path):
-    """Uneven shares (5 and 3 trajectories: 2 and 1 micro-batches): the rank with fewer runs a
-    zero-weight pass so that FSDP's collectives pair up; the gathered gradient and the update
-    equal the 1-process ones."""
+def test_fsdp_lora_update_equals_one_process(tmp_path):
+    """LoRA under FSDP, uneven shares (5 and 3 trajectories: 2 and 1 micro-batches): the rank with
+    fewer runs a zero-weight pass so that FSDP's collectives pair up; the gathered gradient and the
+    update equal the 1-process ones. (Each rank initialises its adapters from its own seed: without
+    rank 0's weights broadcast before sharding, the shards would mix two different inits.)"""
+    pytest.importorskip("peft", reason="needs the peft package (pip install 'ihgrpo[lora]')")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([PY, str(HERE / "dist_update_script.py"), str(one)], check=True, timeout=300, env=ENV)
-    _torchrun("dist_update_script.py", str(two), "distributed.strategy=fsdp")
+    subprocess.run([PY, str(HERE / "dist_update_script.py"), str(one), "lora.r=4"], check=True, timeout=300,
+                   env=ENV)
+    _torchrun("dist_update_script.py", str(two), "lora.r=4", "distributed.strategy=fsdp")
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"], b["lockstep"]) == (1, 2, True)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-    assert a["grads"].keys() == b["grads"].keys()
+    assert a["grads"].keys() == b["grads"].keys() and all("lora_" in k for k in a["grads"])
     for k in a["grads"]:
         torch.testing.assert_close(b["grads"][k], a["grads"][k], rtol=1e-4, atol=1e-7)
     assert set(a["params"]) <= set(b["params"])

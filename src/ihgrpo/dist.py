@@ -141,6 +141,7 @@ class FSDPStrategy(Strategy):
         if s.mixed_precision and self.accelerator.mixed_precision == "bf16":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         block = _block_class(policy.model, s.wrap_class)
+        self._broadcast_from_rank0(policy)
         units = []
         for module in policy.model.modules():
             if isinstance(module, block):
@@ -153,6 +154,20 @@ class FSDPStrategy(Strategy):
         # and FSDP would otherwise make the first block it sees the root.
         policy._get_fsdp_state()._lazy_init()
         return [(policy, False), *units]
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(self, module: nn.Module) -> None:
+        """Rank 0's weights everywhere: each rank keeps its slice of its *own* copy, so copies
+        that differ (LoRA's random init, seeded per rank) would mix into a model no rank had.
+        DDP does the same at wrap time. One tensor at a time through the device (NCCL)."""
+        import torch.distributed as dist
+
+        device = self.accelerator.device
+        for t in [*module.parameters(), *module.buffers()]:
+            buf = t.data.to(device)
+            dist.broadcast(buf, src=0)
+            if buf is not t.data:
+                t.data.copy_(buf)
 
     def wrap(self, policy: nn.Module) -> nn.Module:
         if self.world == 1 and not self.section.cpu_offload:
