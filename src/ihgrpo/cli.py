@@ -14,12 +14,14 @@ import logging
 import os
 import sys
 
+import ihgrpo.demo  # noqa: F401  (the wiring: registers the demo's named sources, e.g. model.path: demo)
+
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
     from ihgrpo.sandbox import SandboxUnavailable
-    from ihgrpo.trainer import ModelLoadError
+    from ihgrpo.models import ModelLoadError
 
     return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
 
