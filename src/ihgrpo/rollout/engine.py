@@ -236,12 +236,13 @@ class RolloutEngine:
                     if params.seed is not None:  # a fresh, reproducible stream for every round
                         turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + rounds)
                     rounds += 1
-                    seeds = None
+                    # seeds= only when used: a generator (or a wrapper) written before it still works
+                    seeded = {}
                     if all(t.seed is not None for t in ready):
-                        seeds = [derive_seed(t.seed, calls.get(t.uid, 0)) for t in ready]
+                        seeded["seeds"] = [derive_seed(t.seed, calls.get(t.uid, 0)) for t in ready]
                         calls.update((t.uid, calls.get(t.uid, 0) + 1) for t in ready)
                     outs = self.generator.generate([t.prompt_ids + t.response_ids for t in ready], turn_params,
-                                                   budgets, request_ids=[t.uid for t in ready], seeds=seeds)
+                                                   budgets, request_ids=[t.uid for t in ready], **seeded)
                     gen_time += time.perf_counter() - t0
                     next_ready = []
                     for traj, out, budget in zip(ready, outs, budgets):
