@@ -377,3 +377,25 @@ def test_coupled_fence_followed_by_spaces_ends_the_turn(tok, pool, trailing):
     start = len(traj.prompt_ids)
     for i, (tid, m, lp) in enumerate(zip(traj.response_ids, traj.mask, traj.logprobs)):
         assert lp == (scripted_logprob(tid, start + i) if m else 0.0)
+
+
+def test_seeded_trajectories_get_their_own_seed_per_generation_call(tok, pool):
+    """Per-request seeds: the n-th call for a trajectory samples with derive_seed(its seed, n),
+    whatever else shares the round; a round with an unseeded trajectory passes no seeds."""
+    from ihgrpo.rollout import Trajectory, derive_seed
+
+    turns = [enc(tok, DEFER_TWO) + [E], enc(tok, "So the answer is \\boxed{42}.") + [EOS]]
+    engine, gen = engine_for(tok, pool, turn_player(tok, turns))
+    prompt = engine.chat.prompt_ids("What is 6 times 7?")
+    trajs = [Trajectory(uid=f"t{i}", prompt_index=0, sample_index=i, prompt_ids=list(prompt), seed=seed)
+             for i, seed in enumerate((11, 22))]
+    engine.run(trajs, PARAMS)
+    assert all(t.answer == "42" for t in trajs)
+    assert gen.seeds == [[derive_seed(11, 0), derive_seed(22, 0)], [derive_seed(11, 1), derive_seed(22, 1)]]
+    assert len({derive_seed(11, 0), derive_seed(11, 1), derive_seed(22, 0), derive_seed(12, 0)}) == 4
+    engine2, gen2 = engine_for(tok, pool, turn_player(tok, turns))
+    engine2.run([Trajectory(uid="a", prompt_index=0, sample_index=0, prompt_ids=list(prompt), seed=11),
+                 Trajectory(uid="b", prompt_index=0, sample_index=1, prompt_ids=list(prompt))], PARAMS)
+    assert gen2.seeds == [None, None]
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 prefixes"):
+        gen2.generate([[1], [2]], PARAMS, request_ids=["a", "b"], seeds=[5])

@@ -15,12 +15,14 @@ import logging
 import os
 import sys
 
+import ihgrpo.demo  # noqa: F401  (the wiring: registers the demo's named sources, e.g. model.path: demo)
+
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
     from ihgrpo.sandbox import SandboxUnavailable
-    from ihgrpo.trainer import ModelLoadError
+    from ihgrpo.models import ModelLoadError
 
     return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
 
@@ -43,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ihgrpo.evaluate import cmd_eval as run
+    from ihgrpo.eval.cli import cmd_eval as run
 
     return run(args)
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="RL training (GRPO / IH-GRPO)")
     train.add_argument("config", help="a YAML path or a packaged config name")
     train.add_argument("overrides", nargs="*", help="key=value overrides (e.g. algo.lam=0 max_steps=10)")
-    from ihgrpo.evaluate import add_eval_arguments
+    from ihgrpo.eval.cli import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
     demo = sub.add_parser("demo", help="run the embedded main job: a tiny model learns delayed tool use")

@@ -23,7 +23,7 @@ from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, answer_before_execute
                              coupled_block_end, extract_boxed, format_observation, is_void,
                              next_action, pending_blocks)
 
-from .generator import GenerationOutput, Generator, SamplingParams
+from .generator import GenerationOutput, Generator, SamplingParams, derive_seed
 
 # Coupled protocol: a fence line ended; the protocol decides whether it closed a python block.
 # Literal strings (any backend can stop on them) for the usual endings, a few trailing spaces or
@@ -63,6 +63,9 @@ class Trajectory:
     answer: str | None = None
     reward: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Its own random stream: the n-th generation call for it samples with derive_seed(seed, n),
+    # whatever else is in the batch (used when every trajectory of a round has a seed).
+    seed: int | None = None
 
     @property
     def model_text(self) -> str:
@@ -225,6 +228,7 @@ class RolloutEngine:
         running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
         gen_time = exec_wait = 0.0
         rounds = 0
+        calls: dict[str, int] = {}  # generation calls so far per trajectory (its seeds' index)
         executor = cf.ThreadPoolExecutor(max(1, getattr(self.pool, "max_workers", 4)),
                                          thread_name_prefix="ihgrpo-exec")
         try:
@@ -235,8 +239,13 @@ class RolloutEngine:
                     if params.seed is not None:  # a fresh, reproducible stream for every round
                         turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + rounds)
                     rounds += 1
+                    # seeds= only when used: a generator (or a wrapper) written before it still works
+                    seeded = {}
+                    if all(t.seed is not None for t in ready):
+                        seeded["seeds"] = [derive_seed(t.seed, calls.get(t.uid, 0)) for t in ready]
+                        calls.update((t.uid, calls.get(t.uid, 0) + 1) for t in ready)
                     outs = self.generator.generate([t.prompt_ids + t.response_ids for t in ready], turn_params,
-                                                   budgets, request_ids=[t.uid for t in ready])
+                                                   budgets, request_ids=[t.uid for t in ready], **seeded)
                     gen_time += time.perf_counter() - t0
                     next_ready = []
                     for traj, out, budget in zip(ready, outs, budgets):
