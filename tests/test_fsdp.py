@@ -66,7 +66,7 @@ def test_fsdp_run_and_resume_match_ddp(tmp_path):
         for k in ma:
             assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k
     assert b[1]["grad_norm"] > 0  # the resumed step trained
-    from ihgrpo.trainer import load_model_and_tokenizer
+    from ihgrpo.models import load_model_and_tokenizer
 
     m_ddp, _ = load_model_and_tokenizer(str(ddp))
     m_fsdp, _ = load_model_and_tokenizer(str(fsdp))

@@ -15,7 +15,8 @@ pytest.importorskip("peft", reason="needs the peft package (pip install 'ihgrpo[
 from ihgrpo.cli import main  # noqa: E402
 from ihgrpo.config import ConfigError, LoraSection, load_config  # noqa: E402
 from ihgrpo.lora import apply_lora  # noqa: E402
-from ihgrpo.trainer import GRPOTrainer, PolicyStats, collate, load_model_and_tokenizer  # noqa: E402
+from ihgrpo.models import load_model_and_tokenizer  # noqa: E402
+from ihgrpo.trainer import GRPOTrainer, PolicyStats, collate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -160,7 +161,8 @@ def test_lora_settings_are_checked():
         load_config(None, ["lora.r=-1"])
     with pytest.raises(ConfigError, match="lora.dropout"):
         load_config(None, ["lora.dropout=1.5"])
-    assert load_config(None, ["lora.target_modules=[q_proj,v_proj]"]).lora.target_modules == ["q_proj", "v_proj"]
+    for value in ("[q_proj,v_proj]", "q_proj,v_proj"):
+        assert load_config(None, [f"lora.target_modules={value}"]).lora.target_modules == ["q_proj", "v_proj"]
     _, model = _tiny()
     with pytest.raises(ConfigError, match="output layer"):
         apply_lora(model, LoraSection(r=2, target_modules=["q_proj", "lm_head"]))

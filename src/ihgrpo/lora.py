@@ -1,5 +1,5 @@
-"""LoRA through PEFT: adapters on the policy, checkpoints that hold only the adapters, and the
-loader side (base + adapter, merged) used by `ihgrpo eval` and `ihgrpo export`.
+"""LoRA through PEFT: adapters on the policy and checkpoints that hold only the adapters. The
+loader side (base + adapter, merged, for `ihgrpo eval` and `ihgrpo export`) is in ihgrpo.models.
 
 PEFT injects the adapters into the model in place; the trainer keeps using the injected Hugging
 Face model (``PeftModel.get_base_model()``: its forward includes the adapters and keeps the
@@ -15,23 +15,20 @@ relative to ``model/`` (``../../../base``: the run's own copy of a base that cam
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ihgrpo.config import ConfigError, LoraSection
+from ihgrpo.models import ADAPTER_WEIGHTS
 
-__all__ = ["Adapters", "apply_lora", "base_for_checkpoints", "require_peft", "is_adapter_dir", "checkpoint_model_dir", "load_adapter_model"]
+__all__ = ["Adapters", "apply_lora", "base_for_checkpoints", "require_peft"]
 
 PEFT_MISSING = "LoRA (lora.r > 0) needs the peft package: pip install 'ihgrpo[lora]'"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def require_peft():
@@ -94,8 +91,9 @@ def apply_lora(model: nn.Module, section: LoraSection, *, tokenizer=None, source
         return None
     peft = require_peft()
     base = None if run_dir is None else base_for_checkpoints(model, tokenizer, source, Path(run_dir), write=write)
+    targets = "all-linear" if list(section.target_modules) == ["all-linear"] else list(section.target_modules)
     cfg = peft.LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                          target_modules=section.target_modules, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM")
     try:
         with _quiet_peft():
             peft_model = peft.get_peft_model(model, cfg)
@@ -125,42 +123,6 @@ def base_for_checkpoints(model: nn.Module, tokenizer, source: str | None, run_di
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, base)
     return os.path.join("..", "..", "..", "base")  # from RUN/checkpoints/step-N/model
-
-
-# ----------------------------------------------------------------------------- loading
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def checkpoint_model_dir(path: str) -> str:
-    """`path` itself, or the model directory of a checkpoint (`RUN/checkpoints/step-N`) or of a
-    run's latest checkpoint (`RUN`)."""
-    p = Path(path)
-    if not p.is_dir() or (p / "config.json").is_file() or is_adapter_dir(p):
-        return path
-    if (p / "model").is_dir() and (p / "state.json").is_file():
-        return str(p / "model")
-    ckpts = sorted(c for c in (p / "checkpoints").glob("step-*") if (c / "state.json").is_file())
-    return str(ckpts[-1] / "model") if ckpts else path
-
-
-def load_adapter_model(path: str, load_base: Callable[[str], tuple]) -> tuple:
-    """(model, tokenizer) of an adapter directory: its base (through `load_base`, the model
-    loader) with the adapter merged in, so that generation runs at the base model's speed."""
-    peft = require_peft()
-    base = json.loads(Path(path, ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"the adapter {path} does not name its base model (base_model_name_or_path)")
-    if not os.path.isabs(base) and os.path.isdir(os.path.join(path, base)):
-        base = os.path.normpath(os.path.join(path, base))  # the run's own copy of the base
-    model, tokenizer = load_base(base)
-    with _quiet_peft():
-        model = peft.PeftModel.from_pretrained(model, path).merge_and_unload()
-    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
 
 
 @contextlib.contextmanager
