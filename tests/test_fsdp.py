@@ -73,3 +73,29 @@ def test_fsdp_run_and_resume_match_ddp(tmp_path):
     for (k, v), (k2, v2) in zip(m_ddp.state_dict().items(), m_fsdp.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(v2, v, rtol=1e-4, atol=1e-5)
+
+
+def test_an_accelerate_fsdp_config_is_refused_with_the_fix():
+    """accelerate's own FSDP mode would wrap the model itself; the one-line error says what to launch."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ihgrpo.config import ConfigError, DistributedSection
+    from ihgrpo.dist import FSDPStrategy, make_strategy
+
+    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=8)
+    with pytest.raises(ConfigError, match="MULTI_GPU.*distributed.strategy=fsdp"):
+        make_strategy(DistributedSection(strategy="fsdp"), fake)
+    fake.distributed_type = DistributedType.MULTI_GPU
+    assert isinstance(make_strategy(DistributedSection(strategy="fsdp"), fake), FSDPStrategy)
+
+
+@pytest.mark.parametrize("name", ["1node-8gpu", "multinode-8gpu"])
+def test_shipped_accelerate_configs_load(name):
+    """What `accelerate launch --config_file` reads: MULTI_GPU (ihgrpo shards), 8 processes a node."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(HERE.parent / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type == "MULTI_GPU" and cfg.mixed_precision == "bf16"
+    assert cfg.num_processes == 8 * cfg.num_machines

@@ -39,6 +39,10 @@ __all__ = ["Strategy", "DDPStrategy", "FSDPStrategy", "make_strategy"]
 
 
 def make_strategy(section: DistributedSection, accelerator: Accelerator) -> Strategy:
+    if getattr(accelerator.distributed_type, "name", "") in ("FSDP", "DEEPSPEED"):
+        # accelerate would then own the wrapping (and refuse an optimizer prepared without its model)
+        raise ConfigError(f"the accelerate config asks for {accelerator.distributed_type.name}; launch with "
+                          "distributed_type: MULTI_GPU (configs/accelerate/) and set distributed.strategy=fsdp")
     return (FSDPStrategy if section.strategy == "fsdp" else DDPStrategy)(section, accelerator)
 
 
