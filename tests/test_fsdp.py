@@ -68,8 +68,8 @@ def test_fsdp_run_and_resume_match_ddp(tmp_path):
     assert b[1]["grad_norm"] > 0  # the resumed step trained
     from ihgrpo.models import load_model_and_tokenizer
 
-    m_ddp, _ = load_model_and_tokenizer(str(ddp))
-    m_fsdp, _ = load_model_and_tokenizer(str(fsdp))
+    m_ddp, _ = load_model_and_tokenizer(str(ddp / "checkpoints" / "step-00000002"))
+    m_fsdp, _ = load_model_and_tokenizer(str(fsdp / "checkpoints" / "step-00000002"))
     for (k, v), (k2, v2) in zip(m_ddp.state_dict().items(), m_fsdp.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(v2, v, rtol=1e-4, atol=1e-5)

@@ -104,11 +104,15 @@ def test_kl_reference_is_the_base_with_adapters_off(lora_run):
 
 def test_eval_loader_and_export_merge_the_adapter(lora_run, tmp_path, capsys):
     ck = lora_run["out"] / "checkpoints" / "step-00000002"
-    for path in (ck / "model", ck, lora_run["out"]):  # the model dir, the checkpoint, the run (latest)
+    for path in (ck / "model", ck):  # the checkpoint's model dir, the checkpoint
         model, tok = load_model_and_tokenizer(str(path))
         assert not any("lora_" in n for n, _ in model.named_parameters())  # merged into plain weights
         torch.testing.assert_close(_logits(model, lora_run["ids"]), lora_run["logits"], rtol=1e-5, atol=1e-5)
         assert tok.convert_tokens_to_ids("<tool_call>") == lora_run["tok"].convert_tokens_to_ids("<tool_call>")
+    # ... and `ihgrpo eval --model CHECKPOINT` runs on it
+    assert main(["eval", "--model", str(ck), "--benchmark", "demo", "--out", str(tmp_path / "eval"), "limit=2", "k=1",
+                 "max_turns=1", "max_response_tokens=8", "sandbox_workers=1"]) == 0
+    assert (tmp_path / "eval" / "results.json").is_file()
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(ck), "--out", str(out)]) == 0
     assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
@@ -191,5 +195,5 @@ def test_train_demo_with_lora_from_the_cli(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert (out / "checkpoints" / "step-00000002" / "model" / "adapter_model.safetensors").is_file()
-    model, _ = load_model_and_tokenizer(str(out))  # base (the run's copy) + adapter
+    model, _ = load_model_and_tokenizer(str(out / "checkpoints" / "step-00000002"))  # the run's base + adapter
     assert model.config.hidden_size == 32

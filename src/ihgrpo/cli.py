@@ -60,7 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; export into a new directory")
-    # The loader resolves a checkpoint (or a run's latest) and merges a LoRA adapter into its base.
+    # The loader resolves a checkpoint to its model/ and merges a LoRA adapter into its base.
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, dtype=args.dtype)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
     export = sub.add_parser("export", help="write a checkpoint as a plain model directory (LoRA merged into its base)")
     export.add_argument("--checkpoint", required=True,
-                        help="RUN/checkpoints/step-N, its model/ directory, or RUN (its latest checkpoint)")
+                        help="a checkpoint (RUN/checkpoints/step-N), its model/ directory, or any model directory")
     export.add_argument("--out", required=True, help="a new directory for the model and tokenizer")
     export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights' dtype (auto: float32)")

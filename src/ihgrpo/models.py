@@ -3,7 +3,7 @@
 The one home of model loading for training and evaluation. A name registered as a model
 (:mod:`ihgrpo.registry`, e.g. ``demo``, registered by the demo package) is built by its
 registered function; anything else is a local directory or a Hugging Face name. A training
-checkpoint (or a run: its latest checkpoint) loads its model/ directory, and a LoRA adapter
+checkpoint (RUN/checkpoints/step-N) loads its model/ directory, and a LoRA adapter
 directory loads as its base with the adapter merged in.
 """
 
@@ -31,7 +31,7 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
     loader = registry.lookup("model", path)
     if loader is not None:  # a named source, e.g. the demo's cached SFT start
         return loader()
-    path = checkpoint_model_dir(path)  # a checkpoint or a run directory: the (latest) checkpoint's model/
+    path = checkpoint_model_dir(path)  # a training checkpoint: its model/
     if is_adapter_dir(path):  # a LoRA checkpoint: its base (loaded by this function) + the adapter, merged
         return _load_adapter_model(path, lambda base: load_model_and_tokenizer(
             base, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation))
@@ -73,17 +73,13 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 def checkpoint_model_dir(path: str) -> str:
-    """`path` itself, or the model directory of a checkpoint (`RUN/checkpoints/step-N`) or of a
-    run's latest checkpoint (`RUN`)."""
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_dir() or (p / "config.json").is_file() or is_adapter_dir(p):
-        return path
-    if (p / "model").is_dir() and (p / "state.json").is_file():
-        return str(p / "model")
-    ckpts = sorted(c for c in (p / "checkpoints").glob("step-*") if (c / "state.json").is_file())
-    return str(ckpts[-1] / "model") if ckpts else path
+    """`path` itself, or the model directory of a training checkpoint (`RUN/checkpoints/step-N`).
+    Not a run's "latest" checkpoint: an evaluation ledger keyed by the path would then mix two
+    checkpoints' samples."""
+    p = os.path.join(path, "model")
+    if os.path.isdir(p) and os.path.isfile(os.path.join(path, "state.json")):
+        return p
+    return path
 
 
 def _load_adapter_model(path: str, load_base) -> tuple:
