@@ -14,17 +14,15 @@ relative to ``model/`` (``../../../base``: the run's own copy of a base that cam
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ihgrpo.config import ConfigError, LoraSection
-from ihgrpo.models import ADAPTER_WEIGHTS
+from ihgrpo.models import ADAPTER_WEIGHTS, quiet_peft
 
 __all__ = ["Adapters", "apply_lora", "base_for_checkpoints", "require_peft"]
 
@@ -95,7 +93,7 @@ def apply_lora(model: nn.Module, section: LoraSection, *, tokenizer=None, source
     cfg = peft.LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
     try:
-        with _quiet_peft():
+        with quiet_peft():
             peft_model = peft.get_peft_model(model, cfg)
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ConfigError(f"lora.target_modules: {str(exc).splitlines()[0][:200]}") from None
@@ -119,15 +117,9 @@ def base_for_checkpoints(model: nn.Module, tokenizer, source: str | None, run_di
     if write and not (base / "config.json").is_file():
         tmp = Path(run_dir) / ".tmp-base"
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)  # a copy a kill left incomplete
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, base)
     return os.path.join("..", "..", "..", "base")  # from RUN/checkpoints/step-N/model
 
-
-@contextlib.contextmanager
-def _quiet_peft():
-    """peft asks transformers 5 for a renamed attribute (a FutureWarning per call); not ours to fix."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield

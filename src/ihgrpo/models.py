@@ -9,7 +9,9 @@ directory loads as its base with the adapter merged in.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 from ihgrpo import registry
 
@@ -88,7 +90,6 @@ def _load_adapter_model(path: str, load_base) -> tuple:
     names the base: a hub name, an absolute directory, or a path relative to `path` (a run's own
     copy of a base that came from memory, RUN/base)."""
     import json
-    import warnings
 
     try:
         import peft
@@ -104,8 +105,7 @@ def _load_adapter_model(path: str, load_base) -> tuple:
         base = os.path.normpath(os.path.join(path, base))
     model, tokenizer = load_base(base)
     try:
-        with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft():
             model = peft.PeftModel.from_pretrained(model, path).merge_and_unload()
     except Exception as exc:  # a mismatched or damaged adapter
         raise ModelLoadError(f"cannot apply the LoRA adapter {path!r} to {base!r}: "
@@ -115,3 +115,11 @@ def _load_adapter_model(path: str, load_base) -> tuple:
 
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers 5 for a renamed attribute (a FutureWarning per call); not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
