@@ -1,8 +1,12 @@
 """The narrow interface between the rollout engine and a token generator.
 
 Prefix token ids in; continuation ids and their log-probs out. Backends: Hugging Face
-transformers (`HFGenerator`), a scripted player for tests (`ScriptedGenerator`); the interface
-is kept small enough for a vLLM backend.
+transformers (`HFGenerator`), vLLM (`VLLMGenerator`, an optional extra), a scripted player for
+tests (`ScriptedGenerator`).
+
+A backend with its own copy of the weights (vLLM) is told about every optimizer step through
+`sync_weights(model)`, and may free its accelerator memory while the trainer uses it (`sleep`; it
+wakes by itself on the next `generate`). Backends that run the trainer's module itself need neither.
 """
 
 from __future__ import annotations
@@ -57,3 +61,9 @@ class Generator(abc.ABC):
                  request_ids: list[str] | None = None) -> list[GenerationOutput]:
         """One continuation per prefix. `max_new_tokens` overrides params.max_new_tokens per
         prefix; `request_ids` name the trajectories (for logging, caching or scripted play)."""
+
+    def sync_weights(self, model) -> None:  # noqa: B027 - a no-op unless the backend copies the weights
+        """Sample from `model`'s current weights from now on (called after every optimizer step)."""
+
+    def sleep(self) -> None:  # noqa: B027
+        """Free accelerator memory for training; the next `generate` wakes the backend up."""
