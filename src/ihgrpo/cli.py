@@ -18,10 +18,11 @@ import sys
 def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
+    from ihgrpo.rollout.vllm import BackendUnavailable
     from ihgrpo.sandbox import SandboxUnavailable
     from ihgrpo.trainer import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
+    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable, BackendUnavailable)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

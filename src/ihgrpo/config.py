@@ -63,6 +63,10 @@ class RolloutSection:
     sandbox_memory_mb: int = 1024
     sandbox_isolation: Literal["auto", "bwrap", "none"] = "auto"
     straggler_wait_s: float | None = None  # None: deterministic rounds (see RolloutConfig)
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: a colocated vLLM engine (pip install 'ihgrpo[vllm]')
+    vllm_gpu_memory_utilization: float = 0.3  # the engine's share of the GPU (weights + KV cache)
+    vllm_max_model_len: int | None = None  # None: the model's context length
+    vllm_sleep_level: int = 2  # during the update: 2 frees weights and KV cache, 1 keeps weights on CPU, 0 never
 
 
 @dataclass
@@ -83,6 +87,10 @@ class AlgoConfig:
     mask_truncated: bool = False  # drop truncated trajectories from the gradient
     reward: Literal["math_verify", "exact"] = "math_verify"
     reward_timeout_s: float = 5.0
+    # importance sampling against the generator's log-probs: tis multiplies each token's loss by
+    # min(exp(logp_old - logp_rollout), rollout_is_cap); the mismatch is logged every step either way
+    rollout_is: Literal["none", "tis"] = "none"
+    rollout_is_cap: float = 2.0
 
 
 @dataclass
@@ -257,6 +265,9 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.algo.clip_low < 1 and cfg.algo.clip_high >= 0, "algo.clip_low/clip_high: bad range"),
         (cfg.algo.dual_clip > 1, "algo.dual_clip: must be > 1"),
         (cfg.algo.lam >= 0, "algo.lam: must be >= 0"),
+        (cfg.algo.rollout_is_cap >= 1, "algo.rollout_is_cap: must be >= 1 (a cap below 1 down-weights every token)"),
+        (0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization: must be in (0, 1]"),
+        (cfg.rollout.vllm_sleep_level in (0, 1, 2), "rollout.vllm_sleep_level: must be 0, 1 or 2"),
         (cfg.optim.lr > 0, "optim.lr: must be > 0"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1"),
         (cfg.optim.updates_per_step >= 1, "optim.updates_per_step: must be >= 1"),
