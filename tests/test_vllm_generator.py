@@ -207,6 +207,10 @@ def test_sampling_params_sent_to_vllm():
     assert engine.requests[-1][1].seed != s0.seed
     gen.generate([[1, 2]], dataclasses.replace(params, seed=None))
     assert engine.requests[-1][1].seed is None  # vLLM draws its own
+    gen.generate([[1, 2], [3]], params, seeds=[123, 2**64 - 1])  # a row's own seed: used as is (int64)
+    assert [s.seed for _, s in engine.requests[-2:]] == [123, 2**63 - 1]
+    with pytest.raises(ValueError, match="seeds"):
+        gen.generate([[1, 2]], params, seeds=[1, 2])
 
 
 def test_outputs_map_to_ours_stop_token_kept_and_length():

@@ -40,8 +40,9 @@ vLLM's kernels in the engine's dtype: the trainer measures the remaining mismatc
 (``loss/rollout_logp_absdiff``, ``loss/rollout_ratio_max``) and can correct for it (``algo.rollout_is=tis``).
 
 Seeds: vLLM 0.32 draws each request's random numbers from its own seed and position, so a request
-with a seed samples the same whatever else is in the batch. A call with ``params.seed`` gives
-request i the seed hash(params.seed, i); without one vLLM picks seeds itself.
+with a seed samples the same whatever else is in the batch: ``seeds[i]`` (one per prefix) is request
+i's vLLM seed. Without ``seeds``, a call with ``params.seed`` gives request i the seed
+hash(params.seed, i); with neither, vLLM picks seeds itself.
 """
 
 from __future__ import annotations
@@ -164,9 +165,11 @@ class VLLMGenerator(Generator):
 
     # ------------------------------------------------------------------ the Generator interface
     def generate(self, prefixes: list[list[int]], params: SamplingParams,
-                 max_new_tokens: list[int] | None = None, *,
-                 request_ids: list[str] | None = None) -> list[GenerationOutput]:  # noqa: ARG002
+                 max_new_tokens: list[int] | None = None, *, request_ids: list[str] | None = None,  # noqa: ARG002
+                 seeds: list[int] | None = None) -> list[GenerationOutput]:
         limits = self._validate(prefixes, params, max_new_tokens)
+        if seeds is not None and len(seeds) != len(prefixes):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prefixes)} prefixes")
         if not prefixes:
             return []
         self._wake()
@@ -177,7 +180,11 @@ class VLLMGenerator(Generator):
                         "(see ihgrpo.rollout.vllm); the trainer's mismatch metrics show by how much",
                         self.logprobs_mode, params.temperature, params.top_p, params.top_k)
         prompts = [self._vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prefixes]
-        sampling = [self._sampling_params(params, limit, i) for i, limit in enumerate(limits)]
+        if seeds is not None:
+            request_seeds = [int(s) & (2**63 - 1) for s in seeds]  # vLLM keeps seeds in an int64 array
+        else:
+            request_seeds = [None if params.seed is None else _request_seed(params.seed, i) for i in range(len(limits))]
+        sampling = [self._sampling_params(params, limit, seed) for limit, seed in zip(limits, request_seeds)]
         results = self.llm.generate(prompts, sampling, use_tqdm=False)
         if len(results) != len(prefixes):
             raise RuntimeError(f"vLLM returned {len(results)} outputs for {len(prefixes)} prompts")
@@ -233,7 +240,7 @@ class VLLMGenerator(Generator):
             raise ValueError(f"max_new_tokens entries must be >= 1, got {min(limits)}")
         return limits
 
-    def _sampling_params(self, params: SamplingParams, limit: int, index: int):
+    def _sampling_params(self, params: SamplingParams, limit: int, seed: int | None):
         text = bool(params.stop_strings)
         kwargs = {}
         if text:
@@ -242,7 +249,7 @@ class VLLMGenerator(Generator):
         return self._vllm.SamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=limit,
             stop_token_ids=list(params.stop_token_ids), ignore_eos=True, logprobs=0,
-            seed=None if params.seed is None else _request_seed(params.seed, index), detokenize=text, **kwargs)
+            seed=seed, detokenize=text, **kwargs)
 
     @staticmethod
     def _convert(result, params: SamplingParams, exact: bool) -> GenerationOutput:
