@@ -42,19 +42,18 @@ vLLM's kernels in the engine's dtype: the trainer measures the remaining mismatc
 Seeds: vLLM 0.32 draws each request's random numbers from its own seed and position, so a request
 with a seed samples the same whatever else is in the batch: ``seeds[i]`` (one per prefix) is request
 i's vLLM seed. Without ``seeds``, a call with ``params.seed`` gives request i the seed
-hash(params.seed, i); with neither, vLLM picks seeds itself.
+``derive_seed(params.seed, i)``; with neither, vLLM picks seeds itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .generator import GenerationOutput, Generator, SamplingParams
+from .generator import GenerationOutput, Generator, SamplingParams, check_seeds, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +92,6 @@ def _exact(mode: str, params: SamplingParams) -> bool:
     if params.temperature in (0.0, 1.0) and mode == "raw_logprobs":
         return True
     return mode == "processed_logprobs" and (params.temperature == 0.0 or (params.top_p == 1.0 and params.top_k == 0))
-
-
-def _request_seed(seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"ihgrpo-vllm/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)  # vLLM keeps seeds in an int64 array
 
 
 class VLLMGenerator(Generator):
@@ -168,8 +162,7 @@ class VLLMGenerator(Generator):
                  max_new_tokens: list[int] | None = None, *, request_ids: list[str] | None = None,  # noqa: ARG002
                  seeds: list[int] | None = None) -> list[GenerationOutput]:
         limits = self._validate(prefixes, params, max_new_tokens)
-        if seeds is not None and len(seeds) != len(prefixes):
-            raise ValueError(f"seeds has {len(seeds)} entries for {len(prefixes)} prefixes")
+        check_seeds(seeds, len(prefixes))
         if not prefixes:
             return []
         self._wake()
@@ -183,7 +176,7 @@ class VLLMGenerator(Generator):
         if seeds is not None:
             request_seeds = [int(s) & (2**63 - 1) for s in seeds]  # vLLM keeps seeds in an int64 array
         else:
-            request_seeds = [None if params.seed is None else _request_seed(params.seed, i) for i in range(len(limits))]
+            request_seeds = [None if params.seed is None else derive_seed(params.seed, i) for i in range(len(limits))]
         sampling = [self._sampling_params(params, limit, seed) for limit, seed in zip(limits, request_seeds)]
         results = self.llm.generate(prompts, sampling, use_tqdm=False)
         if len(results) != len(prefixes):
