@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .generator import GenerationOutput, Generator, SamplingParams, check_seeds
+from .generator import GenerationOutput, Generator, ProgressReporter, SamplingParams, check_seeds
 
 __all__ = ["HFGenerator"]
 
@@ -151,7 +151,12 @@ class HFGenerator(Generator):
             are at least this fraction of the rows still in it (``0``: as soon as one finishes;
             ``1``: only when all have, i.e. never). Removal copies the cache once, about what
             one decode step's ``DynamicCache`` update costs anyway.
+
+    Progress: set ``progress`` (see :class:`Generator`) to be called every ``progress_every``
+    decode steps of a ``generate`` call and when it ends.
     """
+
+    progress_every = 8
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *,
                  device: torch.device | str | None = None,
@@ -308,6 +313,7 @@ class HFGenerator(Generator):
         live = list(range(B))  # original row index of each batch row
         live_t = torch.arange(B, device=dev)
         next_pos = lens_t.clone()
+        report = ProgressReporter(self.progress, rows, T, self.progress_every)
 
         for t in range(T):
             if row_u is not None:  # each live row's own stream, indexed by its original row
@@ -333,6 +339,7 @@ class HFGenerator(Generator):
                     r.finish_reason = "length"
                 if r.finish_reason is not None:
                     n_done += 1
+            report.step(t + 1, n_done == len(live))
             if n_done == len(live):
                 break
             if n_done and n_done >= self.compact_fraction * len(live):
