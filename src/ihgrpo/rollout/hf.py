@@ -151,12 +151,9 @@ class HFGenerator(Generator):
             are at least this fraction of the rows still in it (``0``: as soon as one finishes;
             ``1``: only when all have, i.e. never). Removal copies the cache once, about what
             one decode step's ``DynamicCache`` update costs anyway.
-
-    Progress: set ``progress`` (see :class:`Generator`) to be called every ``progress_every``
-    decode steps of a ``generate`` call and when it ends.
     """
 
-    progress_every = 8
+    progress_every = 8  # `progress` (see Generator), when set, hears every this many decode steps and at the end
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *,
                  device: torch.device | str | None = None,
