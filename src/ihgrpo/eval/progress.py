@@ -53,9 +53,9 @@ class EvalProgress:
             from rich.table import Column
 
             # the details wrap on a narrow terminal instead of cutting the counts short
+            info = TextColumn("samples · {task.fields[info]}", table_column=Column(overflow="fold"))
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
-                                 MofNCompleteColumn(), TextColumn("samples · {task.fields[info]}", table_column=Column(overflow="fold")),
-                                 console=Console(file=self.stream))
+                                 MofNCompleteColumn(), info, console=Console(file=self.stream))
             self._task = self._bar.add_task("eval", total=total, info="")
             self._bar.start()
 

@@ -12,5 +12,6 @@ def __getattr__(name):  # HFGenerator pulls in transformers: import it only when
         return HFGenerator
     raise AttributeError(name)
 
-__all__ = ["ChatFormat", "GenerateProgress", "GenerationOutput", "Generator", "HFGenerator", "RolloutConfig", "RolloutEngine",
-           "SamplingParams", "ScriptedGenerator", "Trajectory", "TurnRecord", "batch_stats", "derive_seed"]
+__all__ = ["ChatFormat", "GenerateProgress", "GenerationOutput", "Generator", "HFGenerator", "RolloutConfig",
+           "RolloutEngine", "SamplingParams", "ScriptedGenerator", "Trajectory", "TurnRecord", "batch_stats",
+           "derive_seed"]
