@@ -89,6 +89,10 @@ def test_an_accelerate_fsdp_config_is_refused_with_the_fix():
         make_strategy(DistributedSection(strategy="fsdp"), fake)
     fake.distributed_type = DistributedType.MULTI_GPU
     assert isinstance(make_strategy(DistributedSection(strategy="fsdp"), fake), FSDPStrategy)
+    from ihgrpo.config import load_config
+
+    with pytest.raises(ConfigError, match="rollout.backend=hf"):  # not a silent mix of shards and vLLM
+        load_config(None, ["distributed.strategy=fsdp", "rollout.backend=vllm"])
 
 
 @pytest.mark.parametrize("name", ["1node-8gpu", "multinode-8gpu"])
