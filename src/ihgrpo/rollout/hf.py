@@ -34,7 +34,8 @@ together with the new text. Decoding is ``skip_special_tokens=False`` and
 ``clean_up_tokenization_spaces=False``: the continuation is matched as the model wrote it.
 
 Randomness: ``params.seed`` seeds a fresh generator for the call (same seed, same prefixes, same
-params, same device -> the same tokens; bit for bit on CPU). Without it, the generator's own
+params, same device -> the same tokens; bit for bit on CPU). The uniform numbers are drawn on the
+CPU and moved to the model's device, so they are the same wherever the model runs. Without it, the generator's own
 ``torch.Generator`` (seeded from ``seed=`` at construction, else from OS entropy) is used and
 advances from call to call. A given prefix is *not* guaranteed the same sample in different batch
 compositions (the random stream is shared by the batch); greedy decoding is.
@@ -137,8 +138,8 @@ class HFGenerator(Generator):
             position_ids, cache / past_key_values, use_cache, logits_to_keep)``). It is put in
             eval mode; ``generate`` also switches it to eval for the call and restores the mode.
         tokenizer: needed only when ``SamplingParams.stop_strings`` is used.
-        device: where to run; default: the device of the model's parameters. When given, the
-            model is moved there.
+        device: when given, the model is moved there. Generation always runs where the model's
+            parameters are at call time (it may be moved after construction).
         dtype: e.g. ``torch.bfloat16`` / ``"bfloat16"`` on a GPU; when given the model is cast
             to it. Default: the model's dtype as loaded (float32 for a model built from a config).
         pad_token_id: the id written into left padding (it is masked out, so any valid id
@@ -166,9 +167,6 @@ class HFGenerator(Generator):
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype
         self.compact_fraction = compact_fraction
 
         config = model.config
@@ -187,7 +185,9 @@ class HFGenerator(Generator):
             raise ValueError(f"pad_token_id {self.pad_token_id} is outside the model's "
                              f"vocabulary [0, {self.vocab_size})")
 
-        self._generator = torch.Generator(device=self.device)
+        # Random streams live on the CPU (uniforms are moved to the model's device), so they do
+        # not depend on where the model is, or is moved to after construction.
+        self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
         else:
@@ -200,6 +200,16 @@ class HFGenerator(Generator):
         self._has_logits_to_keep = "logits_to_keep" in params
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are now: a trainer builds the generator before
+        accelerate.prepare moves the model (e.g. to CUDA), so it is read at generate time."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def generate(self, prefixes: list[list[int]], params: SamplingParams,
                  max_new_tokens: list[int] | None = None, *,
@@ -292,7 +302,7 @@ class HFGenerator(Generator):
 
         gen = self._generator
         if params.seed is not None:
-            gen = torch.Generator(device=dev)
+            gen = torch.Generator()
             gen.manual_seed(int(params.seed))
 
         tok_buf = torch.empty((B, T), dtype=torch.long, device=dev)
@@ -350,7 +360,7 @@ class HFGenerator(Generator):
     def _uniforms(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """One uniform number per row for this step's draw ([n, 1] float64). Subclasses may give
         each row its own stream (see ihgrpo.evaluate's row-seeded generator)."""
-        return torch.rand((n, 1), dtype=torch.float64, generator=gen, device=self.device)
+        return torch.rand((n, 1), dtype=torch.float64, generator=gen).to(self.device)
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None):
