@@ -214,8 +214,14 @@ class GRPOTrainer:
         warm = o.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.policy, self.optimizer, self.scheduler)
+        # The scheduler is not prepared: accelerate's wrapper steps it once per process per call
+        # (warm-up N times too fast on N processes). It steps once per RL step, on every rank.
+        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        if isinstance(self.policy, nn.parallel.DistributedDataParallel):
+            # No buffer broadcast in DDP's forward: a collective per forward, while ranks run
+            # different numbers of micro-batches under dynamic sampling (a hang). The buffers (RoPE
+            # frequencies) are equal on all ranks (synced once at wrapping).
+            self.policy.broadcast_buffers = False
         self.reference = None
         if cfg.algo.kl_coef > 0:  # a frozen copy, only when the KL term is used
             import copy
@@ -274,21 +280,24 @@ class GRPOTrainer:
         gen_seed = (cfg.seed * 1_000_003 + step) * 64 + self.rank
         params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_response_tokens)
-        G = cfg.rollout.group_size
-        # Each process rolls out its share of the prompts; groups never straddle processes.
-        want = _share(cfg.prompts_per_step, self.world, self.rank)
-        budget = max(want, math.ceil(cfg.prompts_per_step * algo.oversample / self.world))
+        G, P = cfg.rollout.group_size, cfg.prompts_per_step
+        # Each process rolls out its share of the prompts; groups never straddle processes. Every
+        # round, all processes take one block of prompts of the same size, decided from the groups
+        # kept on all of them: no prompt is rolled out twice and the sampler stays in step everywhere.
+        want = _share(P, self.world, self.rank)
+        budget = self.world * max(want, math.ceil(P * algo.oversample / self.world))  # prompts, all ranks
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
         kept_adv: list[float] = []
-        rolled = 0
+        rolled = 0  # prompts rolled out this step, all ranks
+        kept_per_rank = [0] * self.world  # groups with signal, per rank
         t0 = time.perf_counter()
         self._model().eval()
         chunk = 0
-        while len(kept) < want * G and rolled < budget:
-            n = min(want - len(kept) // G, budget - rolled) if algo.dynamic_sampling else want
+        while sum(kept_per_rank) < P and rolled < budget:
+            n = math.ceil(min(P - sum(kept_per_rank), budget - rolled) / self.world)
             examples = self._take_prompts(n)
-            rolled += n
+            rolled += n * self.world
             # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
             chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
             chunk += 1
@@ -303,20 +312,23 @@ class GRPOTrainer:
                 group = trajs[g:g + G]
                 if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
                     continue
-                if len(kept) < want * G:
-                    kept += group
-                    kept_adv += adv[g:g + G]
+                kept += group
+                kept_adv += adv[g:g + G]
+            kept_per_rank = self._gather_counts(len(kept) // G)
             if not algo.dynamic_sampling:
                 break
+        # Exactly P groups in all: the first ones, in rank order.
+        mine = max(0, min(kept_per_rank[self.rank], P - sum(kept_per_rank[:self.rank])))
+        kept, kept_adv = kept[:mine * G], kept_adv[:mine * G]
+        n_kept = min(P, sum(kept_per_rank))
         t_rollout = time.perf_counter() - t0
         metrics = {f"rollout/{k}": v for k, v in batch_stats(all_trajs).items()}
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
-        metrics.update({"groups_rolled": rolled, "groups_kept": len(kept) // G,
+        metrics.update({"groups_rolled": rolled, "groups_kept": n_kept,
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()
-        n_kept = self._sum_across([len(kept)])[0]
         if n_kept == 0:
             # No group carries signal (every reward equal): say so instead of looping forever.
             log.warning("step %d: no group had differing rewards after rolling out %d prompts; "
@@ -334,6 +346,10 @@ class GRPOTrainer:
         # position is the same on all ranks (and in a checkpoint).
         block = self.sampler.take(n * self.world)
         return block[self.rank * n:(self.rank + 1) * n]
+
+    def _gather_counts(self, count: int) -> list[int]:
+        """Every rank's `count`, in rank order (the same list on all ranks)."""
+        return [int(c) for c in self._sum_across([count if r == self.rank else 0 for r in range(self.world)])]
 
     def _sum_across(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
@@ -447,8 +463,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """model/, optimizer, scheduler, RNG states and data position, written atomically."""
+        """model/, optimizer, scheduler, RNG states (every rank's) and data position, written atomically."""
         self.accelerator.wait_for_everyone()
+        rng = [_rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
@@ -461,7 +482,7 @@ class GRPOTrainer:
         self.tokenizer.save_pretrained(tmp / "model")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": _rng_state()}
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng[0], "rng_per_rank": rng}
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -492,7 +513,8 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
         state = json.loads((ck / "state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        _set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return int(state["step"])
 
