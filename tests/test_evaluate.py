@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ihgrpo import evaluate as ev
-from ihgrpo.evaluate import (EvalError, EvalSettings, SampleLedger, benchmark_metrics, choice_letter,
-                             parse_overrides, resolve_benchmarks, run_eval, sample_stats, score_samples)
+from ihgrpo import eval as ev
+from ihgrpo.config import ConfigError, load_eval_config
+from ihgrpo.eval import (EvalError, SampleLedger, benchmark_metrics, choice_letter, resolve_benchmarks, run_eval,
+                         sample_stats, score_samples)
 from ihgrpo.protocol import TurnEnd
 from ihgrpo.rollout import Trajectory, TurnRecord, batch_stats
 
@@ -124,25 +125,26 @@ def test_choice_letter(boxed, expected):
 
 
 def test_overrides_are_typed_and_checked():
-    s = parse_overrides(["temperature=0.6", "top_p=0.95", "max_turns=3", "batch_size=4", "seed=7",
-                         "max_tokens_per_turn=none", "enable_thinking=true", "data_dir=/x"])
-    assert (s.temperature, s.top_p, s.max_turns, s.batch_size, s.seed) == (0.6, 0.95, 3, 4, 7)
-    assert s.max_tokens_per_turn is None and s.enable_thinking is True and s.data_dir == "/x"
-    assert {"temperature", "top_p", "data_dir"} <= s.explicit
-    assert EvalSettings().top_p == 0.7 and EvalSettings().temperature == 1.0  # the paper's evaluation
-    with pytest.raises(EvalError, match="unknown setting 'temprature'"):
-        parse_overrides(["temprature=1"])
-    with pytest.raises(EvalError, match="expected an int"):
-        parse_overrides(["max_turns=many"])
-    with pytest.raises(EvalError, match="top_p must be in"):
-        parse_overrides(["top_p=1.5"]).validate()
+    c = load_eval_config(None, ["temperature=0.6", "top_p=0.95", "max_turns=3", "batch_size=4", "seed=7",
+                                "max_tokens_per_turn=none", "enable_thinking=true", "data_dir=/x"])
+    r = c.rollout
+    assert (r.temperature, r.top_p, r.max_turns, c.eval.batch_size, c.seed) == (0.6, 0.95, 3, 4, 7)
+    assert r.max_tokens_per_turn is None and r.enable_thinking is True and c.eval.data_dir == "/x"
+    default = load_eval_config()
+    assert default.rollout.top_p == 0.7 and default.rollout.temperature == 1.0  # the paper's evaluation
+    with pytest.raises(ConfigError, match="unknown config key 'temprature'"):
+        load_eval_config(None, ["temprature=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_eval_config(None, ["max_turns=many"])
+    with pytest.raises(ConfigError, match="top_p: must be in"):
+        load_eval_config(None, ["top_p=1.5"])
     args = eval_args("m", ["aime24"], "out", "top_p=0.9", "temperature=0.5", k=4, top_p=0.3)
-    s = ev.settings_from_args(args)
-    assert (s.top_p, s.temperature, s.k) == (0.3, 0.5, 4)  # the flag wins over key=value
+    c = ev.config_from_args(args)
+    assert (c.rollout.top_p, c.rollout.temperature, c.eval.k) == (0.3, 0.5, 4)  # the flag wins over key=value
 
 
 def test_paper_k_defaults(shared_data):
-    s = EvalSettings(data_dir=str(shared_data / "math"), limit=1)
+    s = load_eval_config(None, [f"data_dir={shared_data / 'math'}", "limit=1"])
     benches, skipped = resolve_benchmarks(["paper"], s, echo=lambda m: None)
     assert [b.name for b in benches] == list(ev.PAPER_BENCHMARKS) and not skipped
     assert {b.name: b.k for b in benches} == {"math500": 8, "olympiad": 8, "aime24": 32, "aime25": 32,
@@ -150,7 +152,8 @@ def test_paper_k_defaults(shared_data):
     # named by file, never by the (wrong) data_source column
     assert all(len(b.problems) == 1 and b.source.endswith(f"{b.name}.parquet") for b in benches)
     benches, _ = resolve_benchmarks(["paper", "mine=" + str(shared_data / "math" / "aime25.parquet")],
-                                    EvalSettings(data_dir=str(shared_data / "math"), limit=1, k=3), echo=print)
+                                    load_eval_config(None, [f"data_dir={shared_data / 'math'}", "limit=1", "k=3"]),
+                                    echo=print)
     assert all(b.k == 3 for b in benches) and benches[-1].name == "mine"
 
 
@@ -159,7 +162,7 @@ def test_paper_k_defaults(shared_data):
 def test_bad_benchmarks_are_one_line_data_errors(tmp_path):
     from ihgrpo.data import DataError
 
-    s = EvalSettings(data_dir=str(tmp_path / "nowhere"))
+    s = load_eval_config(None, [f"data_dir={tmp_path / 'nowhere'}"])
     cases = {
         "unknown benchmark 'gsm9k'": ["gsm9k"],
         "data directory": ["paper"],
@@ -176,13 +179,13 @@ def test_other_domains_skip_missing_files(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     write_jsonl(other / "logiqa.jsonl", [{"question": "Which?", "options": ["x", "y"], "answer": "B"}])
-    benches, skipped = resolve_benchmarks(["other"], EvalSettings(data_dir=str(tmp_path)))
+    benches, skipped = resolve_benchmarks(["other"], load_eval_config(None, [f"data_dir={tmp_path}"]))
     out = capsys.readouterr().out
     assert [b.name for b in benches] == ["logiqa"] and benches[0].domain == "choice" and benches[0].k == 8
     assert f"skipping mmlu_pro: {other / 'mmlu_pro.jsonl'} not found" in out
     assert "skipping bbh_formal_fallacies" in out and len(skipped) == 4
     with pytest.raises(Exception, match="every one was skipped"):
-        resolve_benchmarks(["other"], EvalSettings(data_dir=str(tmp_path / "empty")), echo=lambda m: None)
+        resolve_benchmarks(["other"], load_eval_config(None, [f"data_dir={tmp_path / 'empty'}"]), echo=lambda m: None)
 
 
 def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
@@ -216,7 +219,7 @@ def test_cmd_eval_bad_input_exits_2_with_one_line(tmp_path, capsys, math_jsonl):
     err = capsys.readouterr().err
     assert err.startswith("ihgrpo eval: error: ") and str(missing) in err and err.count("\n") == 1
     assert ev.cmd_eval(eval_args("x", [f"m={math_jsonl}"], tmp_path / "o", "top_p=0")) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p: must be in (0, 1]" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- generation
@@ -224,16 +227,15 @@ def test_cmd_eval_bad_input_exits_2_with_one_line(tmp_path, capsys, math_jsonl):
 def test_row_seeded_sampling_does_not_depend_on_the_batch(tiny):
     _, model, tok = tiny
     from ihgrpo.rollout import SamplingParams
+    from ihgrpo.rollout.hf import HFGenerator
 
-    gen = ev.RowSeededHFGenerator(model, tok, seed=0)
+    gen = HFGenerator(model, tok, seed=0)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)
     a, b, c = tok.encode("Let a be 5."), tok.encode("What is b? Let"), tok.encode("x")
 
     def run(prefixes, keys, budgets):
-        for k in keys:
-            gen.register(k, ev.sample_seed(0, "bench", int(k[1:]), 0))
-        out = gen.generate(prefixes, params, budgets, request_ids=keys)
-        gen.forget(keys)
+        seeds = [ev.sample_seed(0, "bench", int(k[1:]), 0) for k in keys]
+        out = gen.generate(prefixes, params, budgets, request_ids=keys, seeds=seeds)
         return {k: o.token_ids for k, o in zip(keys, out)}
 
     # rows finish at different times (budgets), so finished rows leave the batch mid-way
@@ -243,22 +245,21 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch(tiny):
     assert run([a], ["p3"], [3])["p3"] != big["p0"] or run([a], ["p4"], [3])["p4"] != big["p0"]
     # top_p is applied by the sampler: a vanishing nucleus is greedy decoding
     greedy = gen.generate([a, b], SamplingParams(temperature=0.0, max_new_tokens=8), request_ids=["g0", "g1"])
-    for i, k in enumerate(["n0", "n1"]):
-        gen.register(k, 1000 + i)
     nucleus = gen.generate([a, b], SamplingParams(temperature=1.0, top_p=1e-9, max_new_tokens=8),
-                           request_ids=["n0", "n1"])
+                           request_ids=["n0", "n1"], seeds=[1000, 1001])
     assert [o.token_ids for o in nucleus] == [o.token_ids for o in greedy]
 
 
 def test_eval_on_shared_aime24_writes_every_output(tiny, shared_data, tmp_path, monkeypatch):
     path, _, _ = tiny
     seen_top_p = []
-    cls = ev.RowSeededHFGenerator
+    from ihgrpo.rollout.hf import HFGenerator as cls
+
     real_generate = cls.generate
 
-    def spy(self, prefixes, params, max_new_tokens=None, *, request_ids=None):
+    def spy(self, prefixes, params, max_new_tokens=None, *, request_ids=None, seeds=None):
         seen_top_p.append(params.top_p)
-        return real_generate(self, prefixes, params, max_new_tokens, request_ids=request_ids)
+        return real_generate(self, prefixes, params, max_new_tokens, request_ids=request_ids, seeds=seeds)
 
     monkeypatch.setattr(cls, "generate", spy)
     out = tmp_path / "eval"
@@ -288,7 +289,8 @@ def test_eval_on_shared_aime24_writes_every_output(tiny, shared_data, tmp_path, 
 
 def test_resume_after_interruption_equals_a_fresh_run(tiny, tmp_path, math_jsonl):
     path, model, tok = tiny
-    settings = parse_overrides(FAST + ["batch_size=2", "k=2"], EvalSettings(model=str(path)))
+    items = [f"model={path}", *FAST, "batch_size=2", "k=2"]
+    settings = load_eval_config(None, items)
     specs = [f"arith={math_jsonl}"]
     quiet = lambda msg: None  # noqa: E731
 
@@ -326,7 +328,7 @@ def test_resume_after_interruption_equals_a_fresh_run(tiny, tmp_path, math_jsonl
     assert again["timing"]["samples_generated"] == 0
     assert again["benchmarks"] == resumed["benchmarks"]
     # other sampling settings in the same folder would mix two evaluations: refused
-    hot = parse_overrides(["temperature=0.5"], settings)
+    hot = load_eval_config(None, [*items, "temperature=0.5"])
     with pytest.raises(EvalError, match=r"other settings \(temperature: 1.0 -> 0.5\)"):
         run_eval(hot, out, benchmarks=specs, model=model, tokenizer=tok, echo=quiet)
 

@@ -31,42 +31,15 @@ from torch import nn
 from ihgrpo.config import ConfigError, TrainConfig, dump_config
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
-from ihgrpo.rollout import RolloutConfig, RolloutEngine, SamplingParams, Trajectory, batch_stats
+from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
+from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.hf import HFGenerator
-from ihgrpo.sandbox import SandboxPool
+from ihgrpo.utils import fsync_dir
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
-    """The model or tokenizer cannot be loaded; the message names the path."""
-
-
 # ----------------------------------------------------------------------------- model
-def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
-                             attn_implementation: str | None = None):
-    """A causal LM and its tokenizer from a local directory or a Hugging Face name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not path:
-        raise ModelLoadError("no model given (model.path)")
-    local = os.path.exists(path)
-    if not local and (path.startswith(("/", ".", "~")) or os.sep + os.sep in path or path.count("/") > 1):
-        raise ModelLoadError(f"model path {path!r} does not exist")
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    kw = {"trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kw)
-    except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
-        where = "local directory" if local else "model (not a local directory; the hub is needed)"
-        raise ModelLoadError(f"cannot load {where} {path!r}: {str(exc).splitlines()[0][:200]}") from None
-    return model, tokenizer
-
-
 class PolicyStats(nn.Module):
     """Wraps a causal LM so that one forward returns log p(y), log p(E), z_E per token.
 
@@ -172,11 +145,7 @@ class GRPOTrainer:
                                        and cfg.model.dtype in ("auto", "bfloat16") else "no")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(cfg.seed + self.rank)
-        if model is None and cfg.model.path == "demo":  # the embedded demo's SFT start (cached)
-            from ihgrpo.demo.pipeline import sft_start
-
-            model, tokenizer = sft_start()
-        if model is None:
+        if model is None:  # a registered name (e.g. the demo's SFT start), a directory or a hub name
             model, tokenizer = load_model_and_tokenizer(
                 cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
@@ -190,14 +159,9 @@ class GRPOTrainer:
             split=cfg.data.split, limit=cfg.data.max_examples)
         self.sampler = PromptSampler(self.examples, cfg.seed, cfg.data.shuffle)
         r = cfg.rollout
-        self.rollout_cfg = RolloutConfig(
-            mode=r.mode, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens,
-            max_tokens_per_turn=r.max_tokens_per_turn, max_observation_tokens=r.max_observation_tokens,
-            exec_timeout_s=r.exec_timeout_s, straggler_wait_s=r.straggler_wait_s, execute_token=r.execute_token,
-            instruction=r.instruction, enable_thinking=r.enable_thinking)
-        self.pool = SandboxPool(max_workers=r.sandbox_workers, timeout_s=r.exec_timeout_s,
-                                memory_mb=r.sandbox_memory_mb, isolation=r.sandbox_isolation)
-        eos = _eos_ids(model, tokenizer)
+        self.rollout_cfg = r.rollout_config()
+        self.pool = r.sandbox_pool()
+        eos = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.generator = HFGenerator(model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed)
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
@@ -278,8 +242,7 @@ class GRPOTrainer:
         cfg, algo = self.cfg, self.cfg.algo
         t_step = time.perf_counter()
         gen_seed = (cfg.seed * 1_000_003 + step) * 64 + self.rank
-        params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_response_tokens)
+        params = cfg.rollout.sampling_params()
         G, P = cfg.rollout.group_size, cfg.prompts_per_step
         # Each process rolls out its share of the prompts; groups never straddle processes. Every
         # round, all processes take one block of prompts of the same size, decided from the groups
@@ -487,7 +450,7 @@ class GRPOTrainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
-        _fsync_dir(root)
+        fsync_dir(root)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -597,18 +560,6 @@ def _share(n: int, world: int, rank: int) -> int:
     return n // world
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        if e is not None and e not in ids:
-            ids.append(int(e))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def _fence_close_ids(tokenizer) -> tuple[int, ...]:
     """Vocabulary tokens that end a closing fence line ("```\\n"), for the decision c-mask."""
     ids = set()
@@ -669,13 +620,3 @@ def _set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass

@@ -8,6 +8,7 @@ is kept small enough for a vLLM backend.
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 
 
@@ -54,6 +55,24 @@ class Generator(abc.ABC):
     @abc.abstractmethod
     def generate(self, prefixes: list[list[int]], params: SamplingParams,
                  max_new_tokens: list[int] | None = None, *,
-                 request_ids: list[str] | None = None) -> list[GenerationOutput]:
+                 request_ids: list[str] | None = None,
+                 seeds: list[int] | None = None) -> list[GenerationOutput]:
         """One continuation per prefix. `max_new_tokens` overrides params.max_new_tokens per
-        prefix; `request_ids` name the trajectories (for logging, caching or scripted play)."""
+        prefix; `request_ids` name the trajectories (for logging, caching or scripted play).
+
+        `seeds`: one per prefix. Row i then samples from its own random stream, a function of
+        seeds[i] alone: its tokens do not depend on the other rows of the batch, on the batch
+        size or on earlier calls (up to floating-point noise of differently shaped batches).
+        Without `seeds`, rows share the stream of params.seed (or the generator's own)."""
+
+
+def derive_seed(key: int, n: int) -> int:
+    """The seed of the n-th generation call of a request whose own seed is `key` (a 63-bit
+    hash, so that consecutive keys or calls give unrelated streams)."""
+    digest = hashlib.sha256(f"{key}/{n}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def check_seeds(seeds: list[int] | None, n: int) -> None:
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"seeds has {len(seeds)} entries for {n} prefixes")
