@@ -159,6 +159,8 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+    # Before the first step, refuse (exit 2) when the memory estimate exceeds the GPU's free memory.
+    check_memory: bool = True
 
 
 @dataclass

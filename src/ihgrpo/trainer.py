@@ -32,6 +32,7 @@ from ihgrpo.config import ConfigError, TrainConfig, dump_config
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
 from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
+from ihgrpo.precision import precision_policy
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.hf import HFGenerator
 from ihgrpo.utils import fsync_dir
@@ -140,14 +141,14 @@ class GRPOTrainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
+        self.precision = precision_policy(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       mixed_precision="bf16" if torch.cuda.is_available()
-                                       and cfg.model.dtype in ("auto", "bfloat16") else "no")
+                                       mixed_precision=self.precision.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(cfg.seed + self.rank)
         if model is None:  # a registered name (e.g. the demo's SFT start), a directory or a hub name
             model, tokenizer = load_model_and_tokenizer(
-                cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                cfg.model.path, dtype=self.precision.weights_name,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
         if tokenizer is None:
             raise ConfigError("a tokenizer is required with a model object")
@@ -167,6 +168,11 @@ class GRPOTrainer:
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
         self.fence_close_ids = _fence_close_ids(tokenizer)
+        try:  # before the model goes to the GPU: refuse a run that cannot fit
+            self._check_memory(model)
+        except ConfigError:
+            self.pool.close()
+            raise
 
         self.policy = PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size, r.temperature)
         o = cfg.optim
@@ -199,6 +205,24 @@ class GRPOTrainer:
         self.eval_fn, self.eval_every = eval_fn, eval_every
 
     # ------------------------------------------------------------------ helpers
+    def _check_memory(self, model: nn.Module) -> None:
+        """Log the per-GPU memory estimate; refuse (ConfigError) when it exceeds the GPU's free memory."""
+        from ihgrpo.memory import gpu_free_bytes, training_estimate
+
+        prompt_tokens = max(len(self.engine.prompt_ids(e.question)) for e in self.examples[:256])
+        est = training_estimate(self.cfg, model, precision=self.precision, processes=self.world,
+                                prompt_tokens=prompt_tokens)
+        if self.accelerator.is_main_process:
+            log.info("%s", est.summary())
+        free = gpu_free_bytes(self.accelerator.device)
+        if free is not None and self.cfg.check_memory:
+            est.check(free, str(self.accelerator.device))
+
+    def _autocast(self):
+        """The precision policy's autocast (bf16 on a GPU under model.dtype auto), for every forward
+        pass: the rollout's too, so keys/values are computed in the compute dtype."""
+        return self.precision.context(self.accelerator.device.type)
+
     def _model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.policy).model
 
@@ -264,7 +288,7 @@ class GRPOTrainer:
             # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
             chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
             chunk += 1
-            with _autocast(self.accelerator):
+            with self._autocast():
                 trajs = self.engine.rollout([e.question for e in examples], G, chunk_params)
             rewards = self.reward_fn([t.answer for t in trajs], [examples[t.prompt_index].answer for t in trajs])
             for t, rew in zip(trajs, rewards):
@@ -359,10 +383,11 @@ class GRPOTrainer:
                 # Ranks may hold different numbers of micro-batches (dynamic sampling keeps what
                 # has signal), so DDP's per-backward all-reduce could deadlock: gradients are
                 # accumulated locally and averaged once per update below.
-                with _autocast(self.accelerator), self.accelerator.no_sync(self.policy):
+                with self._autocast(), self.accelerator.no_sync(self.policy):
                     st = self.policy(batch.input_ids, batch.attention_mask, batch.labels,
                                      compute_entropy=algo.entropy_coef > 0)
-                ref = self._ref_logprobs(batch) if self.reference is not None else None
+                with self._autocast():  # the reference in the policy's numerics
+                    ref = self._ref_logprobs(batch) if self.reference is not None else None
                 old_lp = None if old is None else _pad_old([old[i] for i in micro], batch.mask.shape).to(batch.mask.device)
                 loss, stats = ih_grpo_loss_from_stats(
                     st.logp, st.logp_exec, st.z_exec, batch.labels, batch.advantages, batch.mask,
@@ -413,7 +438,7 @@ class GRPOTrainer:
             micro = list(range(s, min(s + self.cfg.optim.micro_batch_size, len(trajs))))
             batch = _to(collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
                                 [keep[i] for i in micro], self.execute_token_id), self.accelerator.device)
-            with _autocast(self.accelerator):
+            with self._autocast():
                 st = self.policy(batch.input_ids, batch.attention_mask, batch.labels)
             out += [row.detach().float().cpu() for row in st.logp]
         return out
@@ -582,14 +607,6 @@ def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
         n = min(len(r), shape[1])
         out[i, :n] = r[:n]
     return out
-
-
-def _autocast(accelerator):
-    import contextlib
-
-    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:

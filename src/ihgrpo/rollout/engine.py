@@ -201,10 +201,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------ entry points
     def rollout(self, questions: list[str], group_size: int, params: SamplingParams) -> list[Trajectory]:
         """`group_size` trajectories per question, grouped in order (question-major)."""
-        prompts = [self.chat.prompt_ids(build_prompt(q, self.config.mode, instruction=self.config.instruction,
-                                                     execute_token=self.config.execute_token))
-                   for q in questions]
-        return self.rollout_ids(prompts, group_size, params)
+        return self.rollout_ids([self.prompt_ids(q) for q in questions], group_size, params)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The prompt of a question: the protocol's instruction through the chat template."""
+        return self.chat.prompt_ids(build_prompt(question, self.config.mode, instruction=self.config.instruction,
+                                                 execute_token=self.config.execute_token))
 
     def rollout_ids(self, prompts: list[list[int]], group_size: int, params: SamplingParams) -> list[Trajectory]:
         if group_size < 1:
