@@ -440,3 +440,34 @@ def test_generator_follows_the_model_to_its_device_after_construction(model32):
     unseeded = SamplingParams(temperature=1.0, max_new_tokens=12)
     assert ([o.token_ids for o in gen.generate(PREFIXES, unseeded)]
             == [o.token_ids for o in HFGenerator(model32, seed=5).generate(PREFIXES, unseeded)])
+
+
+# ------------------------------------------------------------------ progress
+
+
+def test_progress_reports_within_one_generate_call(model32):
+    """`progress` is called during the call, every `progress_every` steps and once at the end,
+    with counts that follow the rows' own lengths and add up to the tokens returned."""
+    events = []
+    gen = HFGenerator(model32)
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7)
+    budgets = [20, 7, 13, 2]
+    plain = gen.generate(PREFIXES, params, budgets)
+    gen.progress, gen.progress_every = events.append, 4
+    # A stop token some row hits early (else every row ends at its budget).
+    stop = plain[0].token_ids[3]
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7, stop_token_ids=(stop,))
+    outs = gen.generate(PREFIXES, params, budgets)
+    assert outs == HFGenerator(model32).generate(PREFIXES, params, budgets)  # reporting changes nothing
+    lengths = [len(o.token_ids) for o in outs]
+    assert lengths[0] == 4 and outs[0].finish_reason == "stop_token"
+
+    steps = [e.step for e in events]
+    assert steps == [4, 8, 12, max(lengths)]  # the last report: when the last row finished
+    for e in events:  # ground truth: row i has min(step, its length) tokens at a given step
+        assert e.tokens == sum(min(e.step, n) for n in lengths)
+        assert e.finished == sum(n <= e.step for n in lengths)
+        assert (e.rows, e.max_steps) == (4, 20)
+    assert all(e.new_tokens >= 0 for e in events)
+    assert sum(e.new_tokens for e in events) == events[-1].tokens == sum(lengths)
+    assert events[0].finished < 4 == events[-1].finished  # reported while rows were still generating

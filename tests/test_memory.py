@@ -112,6 +112,22 @@ def test_refusal_is_one_line_naming_the_settings_to_change():
     assert "parameters 30.5" in msg and "KV cache 144.0" in msg
 
 
+def test_vllm_backend_holds_the_rollout_in_its_own_share():
+    """With rollout.backend vllm the generation weights and KV cache are the engine's (inside its
+    rollout.vllm_gpu_memory_utilization share); asleep during the update it gives that share back."""
+    import dataclasses
+
+    cfg = _tiny_config()
+    n = count_parameters(cfg)
+    est = estimate_memory(model_shape(cfg), n_params=n, n_trainable=n, precision=AUTO_GPU, rows=4, tokens=100)
+    est = dataclasses.replace(est, generation=0, kv_cache=0, activations=10 * n, backend="vllm")
+    free = est.rollout_phase + 1  # enough for parameters + optimizer while vLLM generates
+    assert est.update_phase > free
+    with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
+        est.check(free)
+    est.check(free, update_headroom=est.update_phase - free)  # the sleeping engine's share
+
+
 def test_train_cli_refuses_a_run_that_cannot_fit_the_gpu_it_sees(tmp_path, monkeypatch, capsys):
     """The trainer asks the GPU for its free memory before the first step (here an injected 64 MiB:
     the test runs on a CPU) and the CLI turns the refusal into one line and exit status 2."""
@@ -128,7 +144,7 @@ def test_train_cli_refuses_a_run_that_cannot_fit_the_gpu_it_sees(tmp_path, monke
     data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
                             for i in range(4)))
     seen = []
-    monkeypatch.setattr(memory, "gpu_free_bytes", lambda device: seen.append(device) or 64 * 1024**2)
+    monkeypatch.setattr(memory, "gpu_memory", lambda device: seen.append(device) or (64 * 1024**2, 80 * GiB))
     argv = ["train", "cpu-tiny", f"model.path={tmp_path / 'model'}", f"data.train={data}",
             f"output_dir={tmp_path / 'run'}", "max_steps=1", "rollout.max_response_tokens=65536",
             "prompts_per_step=64", "rollout.group_size=8"]

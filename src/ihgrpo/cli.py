@@ -21,10 +21,11 @@ import ihgrpo.demo  # noqa: F401  (the wiring: registers the demo's named source
 def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
+    from ihgrpo.rollout.vllm import BackendUnavailable
     from ihgrpo.sandbox import SandboxUnavailable
     from ihgrpo.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
+    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable, BackendUnavailable)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

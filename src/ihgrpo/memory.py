@@ -26,6 +26,7 @@ the free memory of the GPU the process sees, and names the settings that shrink 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch import nn
 from ihgrpo.config import ConfigError
 from ihgrpo.precision import Precision
 
-__all__ = ["MemoryEstimate", "ModelShape", "count_parameters", "estimate_memory", "gpu_free_bytes",
+__all__ = ["MemoryEstimate", "ModelShape", "count_parameters", "estimate_memory", "gpu_memory",
            "lora_parameter_count", "model_shape", "training_estimate"]
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class MemoryEstimate:
     processes: int = 1
     fsdp: bool = False
     lora: bool = False
+    backend: str = "hf"  # "vllm": generation and KV cache are the vLLM engine's, in its own share
 
     @property
     def rollout_phase(self) -> int:
@@ -135,7 +137,7 @@ class MemoryEstimate:
     def summary(self) -> str:
         """A few lines for the log: every term in GiB and the two phases."""
         how = ("FSDP over %d processes" % self.processes if self.fsdp else "whole model on each GPU") + (
-            ", LoRA" if self.lora else "")
+            ", LoRA" if self.lora else "") + (", rollout in vLLM's own share" if self.backend == "vllm" else "")
         g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
         return (f"memory per GPU (estimate; {how}): parameters {g(self.parameters)} GiB, gradients "
                 f"{g(self.gradients)}, optimizer {g(self.optimizer)}, generation weights {g(self.generation)}, "
@@ -143,11 +145,12 @@ class MemoryEstimate:
                 f"{g(self.activations)}\n  rollout {g(self.rollout_phase)} GiB, update {g(self.update_phase)} GiB"
                 f" -> {g(self.total)} GiB")
 
-    def check(self, free_bytes: int, device: str = "the GPU") -> None:
-        """Raise a one-line ConfigError when the estimate does not fit in `free_bytes`; warn when
-        it leaves under 10% of it (allocator slack and the prefill's transients are not counted)."""
-        if self.total <= free_bytes:
-            if self.total > 0.9 * free_bytes:
+    def check(self, free_bytes: int, device: str = "the GPU", update_headroom: int = 0) -> None:
+        """Raise a one-line ConfigError when the estimate does not fit in `free_bytes` (the update
+        phase may also use `update_headroom`: memory a sleeping vLLM engine gives back); warn when it
+        leaves under 10% (allocator slack and the prefill's transients are not counted)."""
+        if self.rollout_phase <= free_bytes and self.update_phase <= free_bytes + update_headroom:
+            if max(self.rollout_phase, self.update_phase - update_headroom) > 0.9 * free_bytes:
                 log.warning("the memory estimate (%.1f GiB) is within 10%% of %s's %.1f GiB free: the run "
                             "may still run out of memory", self.total / GiB, device, free_bytes / GiB)
             return
@@ -162,6 +165,8 @@ class MemoryEstimate:
             fixes.append(f"rollout.max_batch_rows={max(1, self.rows // 4)} (now {self.rows} rows per generate call)")
         if self.activations >= self.total // 8:
             fixes.append("optim.micro_batch_size=1 and model.gradient_checkpointing=true")
+        if self.backend == "vllm":
+            fixes.append("a smaller rollout.vllm_gpu_memory_utilization")
         raise ConfigError(
             f"the run needs about {self.total / GiB:.1f} GiB per GPU (parameters {self.parameters / GiB:.1f}, "
             f"gradients {self.gradients / GiB:.1f}, optimizer {self.optimizer / GiB:.1f}, generation weights "
@@ -197,8 +202,9 @@ def estimate_memory(shape: ModelShape, *, n_params: int, n_trainable: int, preci
 
 
 def training_estimate(cfg, model: nn.Module, *, precision: Precision, processes: int,
-                      prompt_tokens: int) -> MemoryEstimate:
-    """The estimate of a training run: `cfg` a TrainConfig, `model` the loaded (unsharded) model.
+                      prompt_tokens: int, backend: str = "hf") -> MemoryEstimate:
+    """The estimate of a training run: `cfg` a TrainConfig, `model` the loaded (unsharded) model,
+    `backend` the generation backend ("vllm": no generation copy or KV cache on the trainer's side).
 
     FSDP and LoRA are read from the config's `distributed.strategy` and `lora.r` /
     `lora.target_modules` when the config has those sections; adapters not yet added to the
@@ -215,16 +221,20 @@ def training_estimate(cfg, model: nn.Module, *, precision: Precision, processes:
     rows = max(1, cfg.prompts_per_step // processes) * r.group_size
     if r.max_batch_rows is not None:
         rows = min(rows, r.max_batch_rows)
-    return estimate_memory(
+    est = estimate_memory(
         model_shape(model.config), n_params=n_params, n_trainable=n_trainable, precision=precision, rows=rows,
         tokens=prompt_tokens + r.max_response_tokens, micro_batch_size=cfg.optim.micro_batch_size,
         gradient_checkpointing=cfg.model.gradient_checkpointing, loss_chunk_size=cfg.optim.loss_chunk_size,
         processes=processes, fsdp=fsdp, lora=rank > 0)
+    if backend == "vllm":
+        est = dataclasses.replace(est, generation=0, kv_cache=0, backend="vllm")
+    return est
 
 
-def gpu_free_bytes(device) -> int | None:
-    """Free memory of a CUDA device (torch.cuda.mem_get_info), None for any other device."""
+def gpu_memory(device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device (torch.cuda.mem_get_info), None for any other device."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info(device)[0])
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)

@@ -21,6 +21,7 @@ from .benchmarks import Benchmark, EvalError, resolve_benchmarks
 from .choice import MC_INSTRUCTION, choice_letter, choice_prompt
 from .ledger import LEDGER, SampleLedger
 from .metrics import benchmark_metrics, sample_stats
+from .progress import EvalProgress
 
 __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
 
@@ -28,7 +29,7 @@ __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
 _FLAT = ("model", "protocol", "k", "limit", "temperature", "top_p", "top_k", "max_turns", "max_response_tokens",
          "max_tokens_per_turn", "max_observation_tokens", "exec_timeout_s", "batch_size", "seed", "data_dir",
          "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype", "device",
-         "instruction", "execute_token", "enable_thinking", "viewer_samples")
+         "instruction", "execute_token", "enable_thinking", "viewer_samples", "backend")
 
 
 def flat_settings(cfg: EvalConfig) -> dict:
@@ -117,13 +118,19 @@ class _Runner:
     def __init__(self, cfg: EvalConfig, bcfgs: dict[str, EvalConfig], model, tokenizer, echo):
         import torch
 
+        from ihgrpo import registry
         from ihgrpo.models import eos_token_ids, load_model_and_tokenizer
+        from ihgrpo.rollout.backends import resolve_backend
         from ihgrpo.rollout.hf import HFGenerator
 
         self.cfg, self.bcfgs = cfg, bcfgs
         e, m = cfg.eval, cfg.model
+        self.backend = resolve_backend(cfg.rollout.backend)
         device = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        self.generator = self._workdir = None
+        if self.backend == "vllm" and model is None and registry.lookup("model", m.path) is None:
+            model, tokenizer = self._launch_vllm(dtype, echo)  # vLLM reads the weights itself
         if model is None:
             t0 = time.perf_counter()
             model, tokenizer = load_model_and_tokenizer(m.path, dtype=dtype, trust_remote_code=m.trust_remote_code,
@@ -137,11 +144,48 @@ class _Runner:
         if not self.eos:
             raise EvalError(f"{m.path}: neither the model nor the tokenizer names an EOS token")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
-        self.generator = HFGenerator(model, tokenizer, device=device, pad_token_id=pad, seed=cfg.seed)
+        if self.backend == "hf":
+            self.generator = HFGenerator(model, tokenizer, device=device, pad_token_id=pad, seed=cfg.seed)
+        elif self.generator is None:  # a model object: an engine on its config, then its weights
+            import tempfile
+
+            from ihgrpo.rollout.vllm import VLLMGenerator
+
+            self._workdir = tempfile.TemporaryDirectory(prefix="ihgrpo-vllm-")
+            self.generator = VLLMGenerator.for_model(model, tokenizer, self._workdir.name, **self._vllm_options(dtype))
+            self.generator.sync_weights(model)
         self.device, self.dtype = device, dtype
         self.pool = None
         self.verifier = None
         self.engines: dict[str, Any] = {}
+
+    def _vllm_options(self, dtype: str) -> dict:
+        from ihgrpo.rollout.vllm import logprobs_mode_for
+
+        r = self.cfg.rollout
+        opts = {"dtype": dtype, "seed": self.cfg.seed, "logprobs_mode": logprobs_mode_for(r.temperature),
+                "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
+                "trust_remote_code": self.cfg.model.trust_remote_code}
+        if r.vllm_max_model_len is not None:
+            opts["max_model_len"] = r.vllm_max_model_len
+        return opts
+
+    def _launch_vllm(self, dtype: str, echo):
+        """A vLLM engine on cfg.model.path; returns (a stand-in carrying the generation config,
+        the tokenizer): only those are loaded here."""
+        import types
+
+        from ihgrpo.models import load_tokenizer_and_generation_config
+        from ihgrpo.rollout.vllm import VLLMGenerator, import_vllm
+
+        import_vllm()  # a one-line error naming the extra before anything is loaded
+        path = self.cfg.model.path
+        tokenizer, generation_config = load_tokenizer_and_generation_config(
+            path, trust_remote_code=self.cfg.model.trust_remote_code)
+        t0 = time.perf_counter()
+        self.generator = VLLMGenerator.launch(path, **self._vllm_options(dtype))
+        echo(f"started vLLM on {path} ({dtype}) in {time.perf_counter() - t0:.1f} s")
+        return types.SimpleNamespace(generation_config=generation_config), tokenizer
 
     def engine(self, bench: Benchmark):
         from ihgrpo.rollout import RolloutEngine
@@ -221,6 +265,8 @@ class _Runner:
             self.pool.close()
         if self.verifier is not None:
             self.verifier.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
 
 
 def _record(bench: Benchmark, traj, fingerprint: str, full_text: str) -> dict:
@@ -242,7 +288,7 @@ def _record(bench: Benchmark, traj, fingerprint: str, full_text: str) -> dict:
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | list[Benchmark],
              model=None, tokenizer=None, on_batch: Callable[[str, list[dict]], None] | None = None,
-             echo: Callable[[str], None] | None = None) -> dict:
+             echo: Callable[[str], None] | None = None, progress: bool = True) -> dict:
     """Evaluates, resuming from ``out_dir/samples.jsonl``; writes every output and returns the
     results (the content of results.json).
 
@@ -251,6 +297,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     (strings) or :class:`Benchmark` objects. ``model``/``tokenizer``: already loaded objects
     instead of ``cfg.model.path`` (which still names the model in the outputs).
     ``on_batch(benchmark, records)`` runs after each batch is durably in the ledger.
+    ``progress``: show the progress on stderr while batches are generated (:mod:`.progress`).
     """
     from .report import write_outputs
 
@@ -288,20 +335,27 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
         have = len(b.problems) * b.k - sum(len(x) for x in plans[b.name])
         echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source})"
              + (f", {have} samples done" if have else ""))
-    runner = None
+    runner = display = None
     t_start = time.perf_counter()
     generated = 0
     gen_time = 0.0
     try:
         if todo:
             runner = _Runner(cfg, bcfgs, model, tokenizer, echo)
+            if progress:
+                display = EvalProgress(todo)
+                runner.generator.progress = display.on_generate
         for b in benches:
             for pairs in plans[b.name]:
+                if display is not None:
+                    display.start_batch(b.name)
                 t0 = time.perf_counter()
                 trajs = runner.run_batch(b, pairs)
                 engine = runner.engine(b)
                 records = [_record(b, t, fingerprints[b.name], engine.chat.decode(t.response_ids)) for t in trajs]
                 ledger.append(records)
+                if display is not None:
+                    display.batch_done(len(records))
                 dt = time.perf_counter() - t0
                 gen_time += dt
                 generated += len(records)
@@ -312,6 +366,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
                 if on_batch is not None:
                     on_batch(b.name, records)
     finally:
+        if display is not None:
+            display.close()
         if runner is not None:
             runner.close()
     results = _results(benches, ledger, cfg, bcfgs, skipped, runner)
@@ -338,6 +394,7 @@ def _results(benches: list[Benchmark], ledger: SampleLedger, cfg: EvalConfig, bc
     settings["k"] = {b.name: b.k for b in benches}
     if runner is not None:
         settings["device"], settings["dtype"] = runner.device, runner.dtype
+        settings["backend"] = runner.backend
     res = {"benchmarks": per, "mean_of_benchmarks": sum(avgs) / len(avgs) if avgs else 0.0}
     domains = sorted({b.domain for b in benches})
     if len(domains) > 1:

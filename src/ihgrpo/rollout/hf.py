@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from .generator import GenerationOutput, Generator, SamplingParams, check_seeds
+from .generator import GenerationOutput, Generator, ProgressReporter, SamplingParams, check_seeds
 
 __all__ = ["HFGenerator"]
 
@@ -153,6 +153,8 @@ class HFGenerator(Generator):
             ``1``: only when all have, i.e. never). Removal copies the cache once, about what
             one decode step's ``DynamicCache`` update costs anyway.
     """
+
+    progress_every = 8  # `progress` (see Generator), when set, hears every this many decode steps and at the end
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *,
                  device: torch.device | str | None = None,
@@ -318,6 +320,7 @@ class HFGenerator(Generator):
         live = list(range(B))  # original row index of each batch row
         live_t = torch.arange(B, device=dev)
         next_pos = lens_t.clone()
+        report = ProgressReporter(self.progress, rows, T, self.progress_every)
 
         for t in range(T):
             if row_u is not None:  # each live row's own stream, indexed by its original row
@@ -343,6 +346,7 @@ class HFGenerator(Generator):
                     r.finish_reason = "length"
                 if r.finish_reason is not None:
                     n_done += 1
+            report.step(t + 1, n_done == len(live))
             if n_done == len(live):
                 break
             if n_done and n_done >= self.compact_fraction * len(live):
