@@ -195,9 +195,9 @@ class GRPOTrainer:
         # (warm-up N times too fast on N processes). It steps once per RL step, on every rank.
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         if isinstance(self.policy, nn.parallel.DistributedDataParallel):
-            # No buffer broadcast in DDP's forward: a collective per forward, while ranks run
-            # different numbers of micro-batches under dynamic sampling (a hang). The buffers (RoPE
-            # frequencies) are equal on all ranks (synced once at wrapping).
+            # No buffer broadcast in DDP's forward (its first one, under no_sync): a collective that a
+            # rank without micro-batches (dynamic sampling kept no group there) never joins, a hang.
+            # The buffers (RoPE frequencies) are equal on all ranks, synced once at wrapping.
             self.policy.broadcast_buffers = False
         self.reference = None
         if cfg.algo.kl_coef > 0:  # a frozen copy, only when the KL term is used
