@@ -66,7 +66,7 @@ def test_estimate_matches_a_hand_count_on_a_tiny_config():
     assert (bf.parameters, bf.optimizer, bf.generation, bf.kv_cache) == (2 * n, 4 * n, 0, est.kv_cache)
     # LoRA r=2 on every linear layer of the blocks: r x (in + out) each
     per_layer_lora = 2 * ((16 + 16) + (16 + 8) + (16 + 8) + (16 + 16) + 3 * (16 + 32))
-    assert lora_parameter_count(cfg, 2) == 2 * per_layer_lora
+    assert lora_parameter_count(cfg, 2) == lora_parameter_count(cfg, 2, ["all-linear"]) == 2 * per_layer_lora
     assert lora_parameter_count(cfg, 2, ["q_proj", "v_proj"]) == 2 * 2 * ((16 + 16) + (16 + 8))
 
 
@@ -110,6 +110,30 @@ def test_refusal_is_one_line_naming_the_settings_to_change():
     for setting in ("distributed.strategy=fsdp", "lora.r=", "rollout.max_batch_rows=32 (now 128 rows"):
         assert setting in msg, setting
     assert "parameters 30.5" in msg and "KV cache 144.0" in msg
+
+
+def test_training_estimate_reads_the_run_settings():
+    """rows = the process's share of a step (prompts_per_step / processes x group_size), capped by
+    rollout.max_batch_rows; tokens = the longest prompt + max_response_tokens; FSDP and LoRA from
+    the config's distributed / lora sections (counted from lora.r before adapters exist)."""
+    from types import SimpleNamespace
+
+    from ihgrpo.config import load_config
+    from ihgrpo.memory import training_estimate
+
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(_tiny_config())
+    n = count_parameters(model)
+    cfg = load_config("qwen3-1.7b", ["prompts_per_step=16", "rollout.group_size=8", "rollout.max_response_tokens=1000"])
+    est = training_estimate(cfg, model, precision=AUTO_GPU, processes=2, prompt_tokens=24)
+    assert (est.rows, est.tokens, est.parameters, est.gradients) == (64, 1024, 4 * n, 4 * n)
+    cfg = load_config("qwen3-1.7b", ["rollout.max_batch_rows=16"])
+    cfg.distributed = SimpleNamespace(strategy="fsdp")  # the sections the FSDP/LoRA work adds
+    cfg.lora = SimpleNamespace(r=2, target_modules=["all-linear"])
+    est = training_estimate(cfg, model, precision=AUTO_GPU, processes=2, prompt_tokens=24)
+    lora_n = lora_parameter_count(model, 2)
+    assert est.rows == 16 and est.fsdp and est.lora
+    assert est.parameters == 4 * (n + lora_n) // 2 and est.gradients == 4 * lora_n // 2
 
 
 def test_vllm_backend_holds_the_rollout_in_its_own_share():

@@ -86,14 +86,16 @@ def count_parameters(model_or_config) -> int:
 
 def lora_parameter_count(model_or_config, r: int, target_modules=None) -> int:
     """Adapter parameters of LoRA rank r: r x (in + out) per targeted linear layer. target_modules
-    None / "all-linear": every linear layer of the decoder blocks (not the output layer); else
-    module names or glob patterns, matched against the last name part or the full name."""
+    None / "all-linear" (alone or in a list): every linear layer of the decoder blocks (not the
+    output layer); else module names or glob patterns, matched against the last name part or the
+    full name."""
     if r <= 0:
         return 0
     model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
     out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = None if target_modules in (None, "all-linear") else (
-        [target_modules] if isinstance(target_modules, str) else list(target_modules))
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules or ["all-linear"])
+    if "all-linear" in names:
+        names = None
     total = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or mod is out_layer:
