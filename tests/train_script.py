@@ -5,7 +5,7 @@
 The reward favours even-length answers: a random tiny model gets a signal to learn from.
 `dynamic`: DAPO dynamic sampling over 40 prompts of which every third never has signal, so the
 processes of a multi-process run keep different numbers of groups per round; each process
-records the prompts it rolls out (prompts-rank{R}.jsonl) and its pid (pid-rank{R}).
+records the prompts it rolls out (prompts-rank{R}.jsonl).
 """
 
 import json
@@ -44,15 +44,12 @@ def main(out: str, max_steps: int, resume: bool, dynamic: bool = False) -> None:
     examples = [Example(f"What is {i} + {i}?", str(2 * i), str(i)) for i in range(n)]
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=examples,
                           reward_fn=reward_some_prompts if dynamic else reward)
-    if dynamic:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"pid-rank{trainer.rank}"), "w") as f:
-            f.write(str(os.getpid()))
     # answers are rarely boxed by a random model: reward the raw text length's parity instead
     orig = trainer.engine.rollout
 
     def rollout(questions, *a, **k):
         if dynamic:
+            os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, f"prompts-rank{trainer.rank}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": trainer.step, "questions": questions}) + "\n")
         trajs = orig(questions, *a, **k)
