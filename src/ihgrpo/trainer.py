@@ -31,42 +31,15 @@ from torch import nn
 from ihgrpo.config import ConfigError, TrainConfig, dump_config
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
-from ihgrpo.rollout import RolloutConfig, RolloutEngine, SamplingParams, Trajectory, batch_stats
-from ihgrpo.rollout.hf import HFGenerator
-from ihgrpo.sandbox import SandboxPool
+from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
+from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
+from ihgrpo.rollout.backends import make_generator, vllm_options
+from ihgrpo.utils import fsync_dir
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
-    """The model or tokenizer cannot be loaded; the message names the path."""
-
-
 # ----------------------------------------------------------------------------- model
-def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
-                             attn_implementation: str | None = None):
-    """A causal LM and its tokenizer from a local directory or a Hugging Face name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not path:
-        raise ModelLoadError("no model given (model.path)")
-    local = os.path.exists(path)
-    if not local and (path.startswith(("/", ".", "~")) or os.sep + os.sep in path or path.count("/") > 1):
-        raise ModelLoadError(f"model path {path!r} does not exist")
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    kw = {"trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kw)
-    except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
-        where = "local directory" if local else "model (not a local directory; the hub is needed)"
-        raise ModelLoadError(f"cannot load {where} {path!r}: {str(exc).splitlines()[0][:200]}") from None
-    return model, tokenizer
-
-
 class PolicyStats(nn.Module):
     """Wraps a causal LM so that one forward returns log p(y), log p(E), z_E per token.
 
@@ -129,6 +102,7 @@ class TrainBatch:
     mask: torch.Tensor  # [B, L-1] 1 where the label was sampled by the policy (and kept)
     advantages: torch.Tensor  # [B]
     decision: torch.Tensor | None = None  # [B, L-1] the "decision" c-mask
+    rollout_logprobs: torch.Tensor | None = None  # [B, L-1] the generator's log-probs of the labels
 
 
 def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep: list[bool],
@@ -138,17 +112,20 @@ def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep:
     ids = torch.full((B, length), pad_id, dtype=torch.long)
     att = torch.zeros((B, length), dtype=torch.long)
     lmask = torch.zeros((B, length), dtype=torch.float32)
+    rollout_lp = torch.zeros((B, length), dtype=torch.float32)
     for i, t in enumerate(trajs):
         seq = t.prompt_ids + t.response_ids
         ids[i, :len(seq)] = torch.tensor(seq)
         att[i, :len(seq)] = 1
+        p = len(t.prompt_ids)
+        rollout_lp[i, p:p + len(t.response_ids)] = torch.tensor(t.logprobs, dtype=torch.float32)
         if keep[i]:
-            p = len(t.prompt_ids)
             lmask[i, p:p + len(t.response_ids)] = torch.tensor(t.mask, dtype=torch.float32)
     labels = ids[:, 1:].clone()
     mask = lmask[:, 1:]
     decision = decision_c_mask(labels, mask, execute_token_id, fence_close_ids=fence_close_ids)
-    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision)
+    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision,
+                      rollout_lp[:, 1:])
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -172,11 +149,7 @@ class GRPOTrainer:
                                        and cfg.model.dtype in ("auto", "bfloat16") else "no")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(cfg.seed + self.rank)
-        if model is None and cfg.model.path == "demo":  # the embedded demo's SFT start (cached)
-            from ihgrpo.demo.pipeline import sft_start
-
-            model, tokenizer = sft_start()
-        if model is None:
+        if model is None:  # a registered name (e.g. the demo's SFT start), a directory or a hub name
             model, tokenizer = load_model_and_tokenizer(
                 cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
@@ -190,16 +163,14 @@ class GRPOTrainer:
             split=cfg.data.split, limit=cfg.data.max_examples)
         self.sampler = PromptSampler(self.examples, cfg.seed, cfg.data.shuffle)
         r = cfg.rollout
-        self.rollout_cfg = RolloutConfig(
-            mode=r.mode, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens,
-            max_tokens_per_turn=r.max_tokens_per_turn, max_observation_tokens=r.max_observation_tokens,
-            exec_timeout_s=r.exec_timeout_s, straggler_wait_s=r.straggler_wait_s, execute_token=r.execute_token,
-            instruction=r.instruction, enable_thinking=r.enable_thinking)
-        self.pool = SandboxPool(max_workers=r.sandbox_workers, timeout_s=r.exec_timeout_s,
-                                memory_mb=r.sandbox_memory_mb, isolation=r.sandbox_isolation)
-        eos = _eos_ids(model, tokenizer)
+        self.rollout_cfg = r.rollout_config()
+        eos = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.generator = HFGenerator(model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed)
+        self.generator = make_generator(r.backend, model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed,
+                                        vllm=vllm_options(r, output_dir=cfg.output_dir, dtype=cfg.model.dtype,
+                                                          seed=cfg.seed, rank=self.rank, world=self.world))
+        self.generator.sync_weights(model)  # a backend with its own copy of the weights starts from ours
+        self.pool = r.sandbox_pool()  # after the generator: a backend that cannot start leaves nothing running
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
         self.fence_close_ids = _fence_close_ids(tokenizer)
@@ -245,6 +216,7 @@ class GRPOTrainer:
             dump_config(cfg, self.out / "config.yaml")
         if cfg.resume:
             self.step = self.load_checkpoint()
+            self.generator.sync_weights(self._model())
         logger = _MetricLogger(self.out, cfg, enabled=self.accelerator.is_main_process, start_step=self.step)
         history = []
         try:
@@ -272,8 +244,7 @@ class GRPOTrainer:
         cfg, algo = self.cfg, self.cfg.algo
         t_step = time.perf_counter()
         gen_seed = (cfg.seed * 1_000_003 + step) * 64 + self.rank
-        params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_response_tokens)
+        params = cfg.rollout.sampling_params()
         G = cfg.rollout.group_size
         # Each process rolls out its share of the prompts; groups never straddle processes.
         want = _share(cfg.prompts_per_step, self.world, self.rank)
@@ -309,6 +280,7 @@ class GRPOTrainer:
             if not algo.dynamic_sampling:
                 break
         t_rollout = time.perf_counter() - t0
+        self.generator.sleep()  # frees the GPU for the update when the backend has its own engine
         metrics = {f"rollout/{k}": v for k, v in batch_stats(all_trajs).items()}
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
@@ -326,6 +298,9 @@ class GRPOTrainer:
             metrics.update(self._update(kept, kept_adv))
             metrics["no_signal"] = 0.0
         metrics["time_update_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.generator.sync_weights(self._model())  # the next rollout samples from the updated policy
+        metrics["time_sync_weights_s"] = time.perf_counter() - t0
         metrics["time_step_s"] = time.perf_counter() - t_step
         return metrics
 
@@ -355,6 +330,7 @@ class GRPOTrainer:
         order = list(range(len(trajs)))
         mb = o.micro_batch_size
         stats_sum: dict[str, float] = {}
+        extremes: dict[str, float] = {}
         weight_sum = 0.0
         grad_norms = []
         n_updates = o.updates_per_step
@@ -391,11 +367,15 @@ class GRPOTrainer:
                     clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
                     aggregation=algo.aggregation, c_mask=batch.decision if algo.c_mask == "decision" else None,
                     kl_coef=algo.kl_coef, ref_logprobs=ref, entropy=st.entropy, entropy_coef=algo.entropy_coef,
-                    norm_constant=norm_constant)
+                    norm_constant=norm_constant, rollout_logprobs=batch.rollout_logprobs,
+                    rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
                 with self.accelerator.no_sync(self.policy):
                     self.accelerator.backward(loss * w)
                 for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
+                    if k in _EXTREMES:  # the step's most extreme token, not a mean over micro-batches
+                        extremes[k] = _EXTREMES[k](extremes.get(k, v), v)
+                    else:
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
                 weight_sum += w / (self.world * n_updates)
             self._average_gradients()
             if o.grad_clip > 0:
@@ -408,6 +388,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         out = {f"loss/{k}": v / max(weight_sum, 1e-12) for k, v in stats_sum.items()}
+        out.update({f"loss/{k}": v for k, v in extremes.items()})
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -466,7 +447,7 @@ class GRPOTrainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
-        _fsync_dir(root)
+        fsync_dir(root)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -569,22 +550,13 @@ class _MetricLogger:
 
 
 # ----------------------------------------------------------------------------- small helpers
+_EXTREMES = {"rollout_ratio_max": max, "rollout_ratio_min": min}
+
+
 def _share(n: int, world: int, rank: int) -> int:
     if n % world:
         raise ConfigError(f"prompts_per_step ({n}) must be divisible by the number of processes ({world})")
     return n // world
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        if e is not None and e not in ids:
-            ids.append(int(e))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _fence_close_ids(tokenizer) -> tuple[int, ...]:
@@ -598,9 +570,8 @@ def _fence_close_ids(tokenizer) -> tuple[int, ...]:
 
 
 def _to(batch: TrainBatch, device) -> TrainBatch:
-    return TrainBatch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
-                        (batch.input_ids, batch.attention_mask, batch.labels, batch.mask, batch.advantages,
-                         batch.decision)))
+    return TrainBatch(**{f.name: x.to(device) if isinstance(x := getattr(batch, f.name), torch.Tensor) else x
+                         for f in dataclasses.fields(batch)})
 
 
 def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
@@ -647,13 +618,3 @@ def _set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
