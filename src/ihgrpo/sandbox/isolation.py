@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SANDBOX_HOME = "/sandbox"
 # What the zygote keeps from root to make each session's namespaces, mounts, loopback and uid.
 ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
-_MODULES = (("ihgrpo_sandbox_worker", "worker.py"), ("ihgrpo_sandbox_zygote", "zygote.py"))
+_MODULES = (("sandbox_worker", "worker.py"), ("sandbox_zygote", "zygote.py"))
 # Reads one line (the boot message), turns the sources in it into modules, runs a main() with
 # what was read past that line (the first request may already be in the pipe).
 BOOTSTRAP = (

@@ -40,7 +40,7 @@ import sys
 try:
     from . import worker
 except ImportError:  # run by the bootstrap inside the sandbox, where it is a top-level module
-    import ihgrpo_sandbox_worker as worker  # type: ignore[no-redef]
+    import sandbox_worker as worker  # type: ignore[no-redef]
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
