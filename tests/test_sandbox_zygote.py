@@ -227,3 +227,21 @@ def test_an_ordinary_user_gets_one_bwrap_per_session():
     assert out.stdout.splitlines() == ["[] '[1, 2] 65534 /sandbox\\n'", "'False\\n'", "True True True"], \
         out.stdout + out.stderr[-2000:]
     assert "failed to start" not in out.stderr, out.stderr[-2000:]
+
+
+def _others_can_read(path: str) -> bool:
+    while path != "/":
+        if not os.stat(path).st_mode & 0o005:
+            return False
+        path = os.path.dirname(path)
+    return True
+
+
+@pytest.mark.skipif(not AS_ROOT or _others_can_read(os.path.dirname(os.__file__)),
+                    reason="needs root and an interpreter other users cannot read (a venv under /root)")
+def test_fallback_refuses_an_interpreter_the_unprivileged_uid_cannot_read():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pool = SandboxPool(max_workers=1, warm=0, isolation="none")  # this very interpreter
+    with pool, pytest.raises(sandbox_pkg.SandboxUnavailable, match="python="):
+        pool.execute_sync("s", "1")

@@ -73,9 +73,6 @@ class SessionProcess:
         except OSError:
             pass
 
-    def close(self) -> None:
-        self.life.close()
-
     def _drain(self, timeout: float | None) -> bool:
         """Read one message from the zygote if one comes within `timeout`; False if none did."""
         if timeout is not None and not select.select([self.life], [], [], max(0.0, timeout))[0]:

@@ -348,8 +348,10 @@ class Zygote:
         stdlib = os.path.dirname(os.__file__)
         if session.get("uid") is not None and not os.access(stdlib, os.R_OK | os.X_OK):
             # Lazy imports in model code would fail one by one: refuse to start instead.
-            os.write(ctl_out, json.dumps({"ready": False, "error": f"PermissionError: uid {session['uid']} "
-                                          f"cannot read the Python installation ({stdlib})"}).encode() + b"\n")
+            os.write(ctl_out, json.dumps({"ready": False, "error": (
+                f"PermissionError: uid {session['uid']} cannot read the Python installation ({stdlib}); model code "
+                "never runs as root, so install bubblewrap or pass python= an interpreter other users can read, "
+                "such as /usr/bin/python3")}).encode() + b"\n")
             return 1
         np = sys.modules.get("numpy.random")
         if np is not None:  # a preloaded generator must not repeat in every session
