@@ -47,7 +47,7 @@ def main(out: str, *overrides: str) -> None:
     cfg = load_config(None, ["model.path=unused", "data.train=unused", "optim.lr=0.01", "optim.micro_batch_size=3",
                              "algo.lam=0.5", "log.tensorboard=false", "log.progress=false", "rollout.group_size=2",
                              "rollout.sandbox_workers=1", "optim.grad_clip=0", "prompts_per_step=2",
-                             "algo.reward=exact", *overrides])
+                             "algo.reward=exact", "optim.warmup_steps=4", *overrides])
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=[Example("q", "1", "0")])
     try:
         trajs, adv = fixed_trajectories(tok)
@@ -69,7 +69,7 @@ def main(out: str, *overrides: str) -> None:
                                                                                     seed=3))
             during = gathers["n"] - entered
         if trainer.rank == 0:
-            torch.save({"params": params, "grads": grads, "grad_norm": stats["grad_norm"],
+            torch.save({"params": params, "grads": grads, "grad_norm": stats["grad_norm"], "lr": stats["lr"],
                         "world": trainer.world, "lockstep": trainer.dist.lockstep, "logits": logits,
                         "gathers_on_entry": entered, "gathers_during_generation": during,
                         "generated": sum(len(o.token_ids) for o in gen)}, out)

@@ -417,6 +417,31 @@ def test_output_types_and_model_mode(model32):
     assert all(type(x) is float for x in out.logprobs)
 
 
+def test_generator_follows_the_model_to_its_device_after_construction(model32):
+    """The trainer builds HFGenerator before accelerate.prepare moves the model (to CUDA); the
+    generator must run where the model is at generate time. CPU stand-in for the move: a model
+    created on the meta device (deferred initialisation) and materialised on the CPU afterwards."""
+    with torch.device("meta"):
+        late = transformers.Qwen3ForCausalLM(model32.config)
+    gen = HFGenerator(late, seed=5)  # built while the model is on "meta"
+    late.load_state_dict(model32.state_dict(), assign=True)  # now on the CPU
+    for name, buf in model32.named_buffers():  # non-persistent buffers (RoPE frequencies)
+        owner, _, leaf = name.rpartition(".")
+        late.get_submodule(owner)._buffers[leaf] = buf.clone()
+    late.eval()
+    assert next(late.parameters()).device.type == "cpu"
+    assert gen.device.type == "cpu"
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=9)
+    got = gen.generate(PREFIXES, params)
+    want = HFGenerator(model32, seed=5).generate(PREFIXES, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.logprobs for o in got] == [o.logprobs for o in want]
+    # The generator's own stream (params without a seed) works after the move too.
+    unseeded = SamplingParams(temperature=1.0, max_new_tokens=12)
+    assert ([o.token_ids for o in gen.generate(PREFIXES, unseeded)]
+            == [o.token_ids for o in HFGenerator(model32, seed=5).generate(PREFIXES, unseeded)])
+
+
 # ------------------------------------------------------------------ progress
 
 

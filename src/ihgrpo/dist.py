@@ -58,7 +58,13 @@ class Strategy:
 
     # ------------------------------------------------------------------ wrapping
     def wrap(self, policy: nn.Module) -> nn.Module:
-        return self.accelerator.prepare(policy)
+        policy = self.accelerator.prepare(policy)
+        if isinstance(policy, nn.parallel.DistributedDataParallel):
+            # No buffer broadcast in DDP's forward (its first one, under no_sync): a collective that a
+            # rank without micro-batches (dynamic sampling kept no group there) never joins, a hang.
+            # The buffers (RoPE frequencies) are equal on all ranks, synced once at wrapping.
+            policy.broadcast_buffers = False
+        return policy
 
     def unwrap(self, policy: nn.Module) -> nn.Module:
         """The policy module itself (PolicyStats), without DDP's wrapper."""
