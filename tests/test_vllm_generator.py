@@ -209,6 +209,24 @@ def test_lora_weights_are_merged_without_touching_the_model():
     assert all(torch.equal(before[n], p) for n, p in lora.named_parameters())  # unmodified
 
 
+def test_injected_lora_model_is_merged_as_the_trainer_syncs_it():
+    """The trainer syncs the model with the adapters injected (Adapters.model, no PeftModel wrapper):
+    the engine still gets plain names with the adapters merged in."""
+    peft = pytest.importorskip("peft")
+    _, model = _tiny()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    injected = lora.get_base_model()
+    got = dict(engine_weights(injected))
+    want = dict(copy.deepcopy(lora).merge_and_unload().named_parameters())
+    assert list(got) == list(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t.detach(), rtol=0, atol=1e-6)
+    gen, engine = gen_for(play(4, 7), weights_loaded=False)
+    gen.sync_weights(injected)
+    assert not any("lora_" in n or "base_layer" in n for n in engine.loaded)
+
+
 # ----------------------------------------------------------------------------- without vLLM
 def test_missing_vllm_is_a_one_line_error():
     try:

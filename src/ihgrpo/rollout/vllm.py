@@ -272,10 +272,21 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
+def _has_peft_layers(model) -> bool:
+    """Whether PEFT injected layers into `model` (a LoRA layer or a modules_to_save copy). The
+    trainer trains and syncs the injected model itself (Adapters.model), not the PeftModel."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # no peft: nothing can have been injected
+        return False
+    return any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in model.modules())
+
+
 def engine_weights(model) -> Iterator[tuple[str, Any]]:
     """`model`'s parameters under its Hugging Face checkpoint names, for ``load_weights``.
 
-    A PEFT model gives its base model's names with every active LoRA adapter merged in
+    A PEFT model (or a model with PEFT's layers injected) gives its base model's names with every active LoRA adapter merged in
     (W + get_delta_weight), computed here: the model is not modified (merging and unmerging in
     place would drift the trainer's weights by rounding). modules_to_save copies replace the
     originals. Tied parameters come once, as ``named_parameters`` lists them.
@@ -283,7 +294,7 @@ def engine_weights(model) -> Iterator[tuple[str, Any]]:
     import torch
 
     base = _base_model(model)
-    peft = base is not model
+    peft = _has_peft_layers(base)  # a PeftModel, or the model with its adapters injected
     deltas: dict[str, Any] = {}
     if peft:
         for name, module in base.named_modules():
