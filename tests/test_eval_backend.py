@@ -99,3 +99,70 @@ def test_eval_through_the_vllm_adapter(tiny, arith, tmp_path, monkeypatch):
     seeds = [sp.seed for _, sp in started["engine"].requests]
     assert len(seeds) == 4 and len(set(seeds)) == 4  # each sample its own stream
     assert all(sp.stop_token_ids and sp.ignore_eos for _, sp in started["engine"].requests)
+
+
+def _fake_vllm(monkeypatch, tok):
+    """vllm.LLM as the fake: records what each engine was started with."""
+    started = []
+
+    def script(prompt, seed):  # noqa: ARG001
+        return tok.encode("\\boxed{5}", add_special_tokens=False) + [tok.eos_token_id]
+
+    def LLM(model, **kwargs):  # noqa: N802 - vllm.LLM
+        engine = FakeVLLMEngine(script, lambda ids: tok.decode(ids), kwargs["logprobs_mode"])
+        started.append({"model": model, "engine": engine, **kwargs})
+        return engine
+
+    monkeypatch.setattr(vllm_mod, "import_vllm", lambda: types.SimpleNamespace(**vars(FAKE_VLLM), LLM=LLM))
+    return started
+
+
+def _checkpoint(run, model_dir_writer):
+    """A training checkpoint's layout: RUN/checkpoints/step-1/{state.json, model/}."""
+    ck = run / "checkpoints" / "step-1"
+    model_dir_writer(ck / "model")
+    (ck / "state.json").write_text(json.dumps({"step": 1}))
+    return ck
+
+
+def test_vllm_eval_of_a_training_checkpoint_starts_on_its_model_dir(tiny, arith, tmp_path, monkeypatch):
+    import shutil
+
+    path, tok = tiny
+    started = _fake_vllm(monkeypatch, tok)
+    ck = _checkpoint(tmp_path / "run", lambda d: shutil.copytree(path, d))
+    cfg = load_eval_config(None, [f"model={ck}", *FAST, "backend=vllm"])
+    res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
+    assert [s["model"] for s in started] == [str(ck / "model")]
+    assert res["benchmarks"]["arith"]["avg@k"] == 0.5
+
+
+def test_vllm_eval_of_a_lora_checkpoint_syncs_the_merged_model(tiny, arith, tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, tok = tiny
+    base = AutoModelForCausalLM.from_pretrained(path)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    lora.peft_config["default"].base_model_name_or_path = str(path)
+
+    def write(d):
+        lora.save_pretrained(d)
+        tok.save_pretrained(d)
+
+    ck = _checkpoint(tmp_path / "run", write)
+    merged = dict(copy.deepcopy(lora).merge_and_unload().named_parameters())
+    started = _fake_vllm(monkeypatch, tok)
+    cfg = load_eval_config(None, [f"model={ck}", *FAST, "backend=vllm"])
+    res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
+    [s] = started  # one engine: on the base's config with placeholder weights, then the merged weights
+    assert s["load_format"] == "dummy" and s["model"] != str(ck / "model")
+    loaded = s["engine"].loaded
+    assert list(loaded) == list(merged)
+    for name, t in merged.items():
+        torch.testing.assert_close(loaded[name], t.detach(), rtol=0, atol=1e-6)
+    assert res["benchmarks"]["arith"]["avg@k"] == 0.5

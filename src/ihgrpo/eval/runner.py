@@ -119,7 +119,7 @@ class _Runner:
         import torch
 
         from ihgrpo import registry
-        from ihgrpo.models import eos_token_ids, load_model_and_tokenizer
+        from ihgrpo.models import checkpoint_model_dir, eos_token_ids, is_adapter_dir, load_model_and_tokenizer
         from ihgrpo.rollout.backends import resolve_backend
         from ihgrpo.rollout.hf import HFGenerator
 
@@ -130,7 +130,15 @@ class _Runner:
         dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         self.generator = self._workdir = None
         if self.backend == "vllm" and model is None and registry.lookup("model", m.path) is None:
-            model, tokenizer = self._launch_vllm(dtype, echo)  # vLLM reads the weights itself
+            path = checkpoint_model_dir(m.path)  # a training checkpoint: its model/
+            # vLLM reads a full model's weights itself; a LoRA adapter is loaded and merged here
+            # (below), then goes to an engine on the base's config through sync_weights.
+            if not is_adapter_dir(path):
+                model, tokenizer = self._launch_vllm(path, dtype, echo)
+            else:
+                from ihgrpo.rollout.vllm import import_vllm
+
+                import_vllm()  # vLLM missing: say so before loading the weights
         if model is None:
             t0 = time.perf_counter()
             model, tokenizer = load_model_and_tokenizer(m.path, dtype=dtype, trust_remote_code=m.trust_remote_code,
@@ -170,8 +178,8 @@ class _Runner:
             opts["max_model_len"] = r.vllm_max_model_len
         return opts
 
-    def _launch_vllm(self, dtype: str, echo):
-        """A vLLM engine on cfg.model.path; returns (a stand-in carrying the generation config,
+    def _launch_vllm(self, path: str, dtype: str, echo):
+        """A vLLM engine on the model directory or name `path`; returns (a stand-in carrying the generation config,
         the tokenizer): only those are loaded here."""
         import types
 
@@ -179,7 +187,6 @@ class _Runner:
         from ihgrpo.rollout.vllm import VLLMGenerator, import_vllm
 
         import_vllm()  # a one-line error naming the extra before anything is loaded
-        path = self.cfg.model.path
         tokenizer, generation_config = load_tokenizer_and_generation_config(
             path, trust_remote_code=self.cfg.model.trust_remote_code)
         t0 = time.perf_counter()
