@@ -75,6 +75,20 @@ def test_fsdp_run_and_resume_match_ddp(tmp_path):
         torch.testing.assert_close(v2, v, rtol=1e-4, atol=1e-5)
 
 
+def test_fsdp_cpu_offload_in_one_process_equals_the_plain_update(tmp_path):
+    """cpu_offload in a plain one-process run (no launcher, so no process group: FSDP starts a
+    1-process one) shards, offloads and gives the plain update."""
+    plain, offload = tmp_path / "plain.pt", tmp_path / "offload.pt"
+    for out, extra in ((plain, []), (offload, ["distributed.strategy=fsdp", "distributed.cpu_offload=true"])):
+        subprocess.run([PY, str(HERE / "dist_update_script.py"), str(out), *extra], check=True, timeout=300, env=ENV)
+    a, b = torch.load(plain), torch.load(offload)
+    assert (a["world"], b["world"], a["lockstep"], b["lockstep"]) == (1, 1, False, True)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-4, atol=1e-5)
+
+
 def test_an_accelerate_fsdp_config_is_refused_with_the_fix():
     """accelerate's own FSDP mode would wrap the model itself; the one-line error says what to launch."""
     from types import SimpleNamespace

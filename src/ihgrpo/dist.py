@@ -133,6 +133,16 @@ class Strategy:
 DDPStrategy = Strategy
 
 
+def _ensure_process_group(device: torch.device) -> None:
+    """FSDP's collectives need a process group; a plain `python` run (one process, e.g. for
+    cpu_offload on one GPU) has none, so start a 1-process one (an in-memory store, no port)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 class FSDPStrategy(Strategy):
     def __init__(self, section: DistributedSection, accelerator: Accelerator):
         super().__init__(section, accelerator)
@@ -147,7 +157,9 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         s = self.section
-        kw = {"offload_policy": CPUOffloadPolicy() if s.cpu_offload else OffloadPolicy()}
+        # Pinned host memory (faster copies to the GPU) needs an accelerator: a CPU run offloads unpinned.
+        pin = self.accelerator.device.type != "cpu"
+        kw = {"offload_policy": CPUOffloadPolicy(pin_memory=pin) if s.cpu_offload else OffloadPolicy()}
         if s.mixed_precision and self.accelerator.mixed_precision == "bf16":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         block = _block_class(policy.model, s.wrap_class)
@@ -183,6 +195,7 @@ class FSDPStrategy(Strategy):
         if self.world == 1 and not self.section.cpu_offload:
             # One process: nothing to shard, and FSDP would only add copies.
             return super().wrap(policy)
+        _ensure_process_group(self.accelerator.device)
         self._units = self._shard(policy)
         return policy
 
