@@ -227,6 +227,38 @@ def test_injected_lora_model_is_merged_as_the_trainer_syncs_it():
     assert not any("lora_" in n or "base_layer" in n for n in engine.loaded)
 
 
+def test_engine_per_rank_under_torchrun_is_independent(tmp_path, monkeypatch):
+    """Under torchrun (world 2) each rank starts its own engine with the external launcher and
+    tensor/pipeline/data parallel sizes of 1: vLLM's "external DP", no collectives while generating,
+    so ranks may send different prompts and a different number of generate calls."""
+    import types
+
+    import ihgrpo.rollout.vllm as vllm_mod
+    from ihgrpo.config import load_config
+    from ihgrpo.rollout.backends import vllm_options
+
+    tok, model = _tiny()
+    started = {}
+
+    def LLM(model, **kwargs):  # noqa: N802 - vllm.LLM
+        started.update(model=model, **kwargs)
+        return FakeVLLMEngine(play(4, 7))
+
+    monkeypatch.setattr(vllm_mod, "import_vllm", lambda: types.SimpleNamespace(**vars(FAKE_VLLM), LLM=LLM))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    cfg = load_config(None, ["model.path=unused", "data.train=unused", "rollout.backend=vllm"])
+    opts = vllm_options(cfg.rollout, output_dir=tmp_path, dtype="bfloat16", seed=5, rank=1, world=2)
+    VLLMGenerator.for_model(model, tok, **opts)
+    assert started["distributed_executor_backend"] == "external_launcher"
+    assert (started["tensor_parallel_size"], started["pipeline_parallel_size"], started["data_parallel_size"]) == (1, 1, 1)
+    assert started["seed"] == 6 and started["model"] == str(tmp_path / "vllm-engine" / "rank1")
+    import os
+
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the external launcher's requirement
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        VLLMGenerator.launch("m", distributed=True, data_parallel_size=2)
+
+
 # ----------------------------------------------------------------------------- without vLLM
 def test_missing_vllm_is_a_one_line_error():
     try:

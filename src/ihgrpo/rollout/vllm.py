@@ -135,6 +135,19 @@ class VLLMGenerator(Generator):
         if in_process or distributed:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if distributed:
+            # One independent engine per rank, read in vLLM 0.32.0's source: with the external
+            # launcher, initialize_model_parallel lays the torchrun world out as ExternalDP x DP x
+            # PP x PCP x TP, and "ExternalDP" ranks "generate independently" (parallel_state.py);
+            # tensor/pipeline/data parallel sizes of 1 make each rank its own group of one. Not
+            # data_parallel_size=world, as examples/offline_inference/torchrun_dp_example.py does for
+            # an MoE model: then every engine step all-reduces whether any DP rank has requests
+            # left (LLMEngine.has_unfinished_requests_dp) and idle ranks run dummy batches, so ranks
+            # making different numbers of generate calls (multi-turn rollouts) would hang.
+            # The only cross-rank collective left is at start-up (the free-memory MIN, executed by
+            # every rank as it builds its engine).
+            for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+                if engine_kwargs.setdefault(key, 1) != 1:
+                    raise ValueError(f"one vLLM engine per rank needs {key}=1, got {engine_kwargs[key]}")
             engine_kwargs["distributed_executor_backend"] = "external_launcher"
         if sleep_level:
             engine_kwargs["enable_sleep_mode"] = True
