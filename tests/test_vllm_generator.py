@@ -250,7 +250,8 @@ def test_engine_per_rank_under_torchrun_is_independent(tmp_path, monkeypatch):
     opts = vllm_options(cfg.rollout, output_dir=tmp_path, dtype="bfloat16", seed=5, rank=1, world=2)
     VLLMGenerator.for_model(model, tok, **opts)
     assert started["distributed_executor_backend"] == "external_launcher"
-    assert (started["tensor_parallel_size"], started["pipeline_parallel_size"], started["data_parallel_size"]) == (1, 1, 1)
+    sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+    assert [started[k] for k in sizes] == [1, 1, 1]
     assert started["seed"] == 6 and started["model"] == str(tmp_path / "vllm-engine" / "rank1")
     import os
 
