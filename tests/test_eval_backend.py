@@ -92,6 +92,11 @@ def test_eval_through_the_vllm_adapter(tiny, arith, tmp_path, monkeypatch):
     cfg = load_eval_config(None, [f"model={path}", *FAST, "backend=vllm", "seed=3"])
     res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
     assert started["model"] == str(path) and started["seed"] == 3
+    # the engine options are the trainer's (one function), for an evaluation: no sleep, no per-rank dir
+    from ihgrpo.rollout.backends import vllm_options
+
+    options = {k: v for k, v in started.items() if k not in ("model", "engine")}
+    assert options == vllm_options(cfg.rollout, dtype=res["settings"]["dtype"], seed=3, trust_remote_code=False)
     assert started["gpu_memory_utilization"] == 0.9 and started["logprobs_mode"] == "raw_logprobs"
     assert res["settings"]["backend"] == "vllm"
     arith_res = res["benchmarks"]["arith"]

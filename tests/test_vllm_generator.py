@@ -247,12 +247,14 @@ def test_engine_per_rank_under_torchrun_is_independent(tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_mod, "import_vllm", lambda: types.SimpleNamespace(**vars(FAKE_VLLM), LLM=LLM))
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     cfg = load_config(None, ["model.path=unused", "data.train=unused", "rollout.backend=vllm"])
-    opts = vllm_options(cfg.rollout, output_dir=tmp_path, dtype="bfloat16", seed=5, rank=1, world=2)
+    opts = vllm_options(cfg.rollout, output_dir=tmp_path, dtype="bfloat16", seed=5, rank=1, world=2,
+                        trust_remote_code=True)
     VLLMGenerator.for_model(model, tok, **opts)
     assert started["distributed_executor_backend"] == "external_launcher"
     sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
     assert [started[k] for k in sizes] == [1, 1, 1]
     assert started["seed"] == 6 and started["model"] == str(tmp_path / "vllm-engine" / "rank1")
+    assert started["trust_remote_code"] is True and started["enable_sleep_mode"] is True
     import os
 
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the external launcher's requirement

@@ -181,8 +181,9 @@ class GRPOTrainer:
         eos = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.generator = make_generator(r.backend, model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed,
-                                        vllm=vllm_options(r, output_dir=cfg.output_dir, dtype=cfg.model.dtype,
-                                                          seed=cfg.seed, rank=self.rank, world=self.world))
+                                        vllm=vllm_options(r, dtype=cfg.model.dtype, seed=cfg.seed, rank=self.rank,
+                                                          world=self.world, output_dir=cfg.output_dir,
+                                                          trust_remote_code=cfg.model.trust_remote_code))
         self.generator.sync_weights(model)  # a backend with its own copy of the weights starts from ours
         self.pool = r.sandbox_pool()  # after the generator: a backend that cannot start leaves nothing running
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)

@@ -168,15 +168,10 @@ class _Runner:
         self.engines: dict[str, Any] = {}
 
     def _vllm_options(self, dtype: str) -> dict:
-        from ihgrpo.rollout.vllm import logprobs_mode_for
+        from ihgrpo.rollout.backends import vllm_options
 
-        r = self.cfg.rollout
-        opts = {"dtype": dtype, "seed": self.cfg.seed, "logprobs_mode": logprobs_mode_for(r.temperature),
-                "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
-                "trust_remote_code": self.cfg.model.trust_remote_code}
-        if r.vllm_max_model_len is not None:
-            opts["max_model_len"] = r.vllm_max_model_len
-        return opts
+        return vllm_options(self.cfg.rollout, dtype=dtype, seed=self.cfg.seed,
+                            trust_remote_code=self.cfg.model.trust_remote_code)
 
     def _launch_vllm(self, path: str, dtype: str, echo):
         """A vLLM engine on the model directory or name `path`; returns (a stand-in carrying the generation config,
