@@ -18,20 +18,6 @@ QUIET = lambda msg: None  # noqa: E731
 FAST = ["max_response_tokens=24", "max_turns=2", "sandbox_workers=1", "viewer_samples=1", "k=2"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ihgrpo.demo.model import build_model
-    from ihgrpo.demo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(n_corpus=60)
-    model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=16, intermediate_size=64)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, tok
-
-
 @pytest.fixture
 def arith(tmp_path):
     path = tmp_path / "arith.jsonl"
@@ -53,7 +39,7 @@ def test_auto_is_hf_without_vllm_or_gpu(tiny, arith, tmp_path):
 
     if not _no_vllm() and torch.cuda.is_available():
         pytest.skip("vLLM and a GPU are here: auto is vllm")
-    path, _ = tiny
+    path, _, _ = tiny
     cfg = load_eval_config(None, [f"model={path}", *FAST])
     assert cfg.rollout.backend == "auto" and cfg.rollout.vllm_gpu_memory_utilization == 0.9
     res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
@@ -62,7 +48,7 @@ def test_auto_is_hf_without_vllm_or_gpu(tiny, arith, tmp_path):
 
 @pytest.mark.skipif(not _no_vllm(), reason="vLLM is installed here")
 def test_backend_vllm_without_vllm_exits_2(tiny, arith, tmp_path, capsys):
-    path, _ = tiny
+    path, _, _ = tiny
     code = eval_main(["--model", str(path), "--benchmark", f"arith={arith}", "--out", str(tmp_path / "o"),
                       "--backend", "vllm", *FAST])
     err = capsys.readouterr().err.strip().splitlines()
@@ -75,7 +61,7 @@ def test_backend_vllm_without_vllm_exits_2(tiny, arith, tmp_path, capsys):
 def test_eval_through_the_vllm_adapter(tiny, arith, tmp_path, monkeypatch):
     """--backend vllm: the engine starts on the model path (no weights loaded here), gets per-sample
     seeds, and its outputs are scored like any other."""
-    path, tok = tiny
+    path, _, tok = tiny
     started = {}
 
     def script(prompt, seed):  # noqa: ARG001 - an answer, then EOS
@@ -133,7 +119,7 @@ def _checkpoint(run, model_dir_writer):
 def test_vllm_eval_of_a_training_checkpoint_starts_on_its_model_dir(tiny, arith, tmp_path, monkeypatch):
     import shutil
 
-    path, tok = tiny
+    path, _, tok = tiny
     started = _fake_vllm(monkeypatch, tok)
     ck = _checkpoint(tmp_path / "run", lambda d: shutil.copytree(path, d))
     cfg = load_eval_config(None, [f"model={ck}", *FAST, "backend=vllm"])
@@ -149,7 +135,7 @@ def test_vllm_eval_of_a_lora_checkpoint_syncs_the_merged_model(tiny, arith, tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    path, tok = tiny
+    path, _, tok = tiny
     base = AutoModelForCausalLM.from_pretrained(path)
     lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      init_lora_weights=False))

@@ -21,21 +21,6 @@ FAST = ["max_response_tokens=24", "max_turns=2", "sandbox_workers=1", "viewer_sa
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny demo-architecture model (random weights) and its tokenizer, saved to a folder."""
-    from ihgrpo.demo.model import build_model
-    from ihgrpo.demo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(n_corpus=60)
-    model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=16, intermediate_size=64)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, model, tok
-
-
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
