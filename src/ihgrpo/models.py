@@ -32,8 +32,9 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
     if not path:
         raise ModelLoadError("no model given (model.path)")
     loader = registry.lookup("model", path)
-    if loader is not None:  # a named source, e.g. the demo's cached SFT start
-        return loader()
+    if loader is not None:  # a named source, e.g. the demo's cached SFT start; auto: as it builds it
+        model, tokenizer = loader()
+        return (model if dtype == "auto" else model.to(_torch_dtype(dtype))), tokenizer
     path = checkpoint_model_dir(path)  # a training checkpoint: its model/
     if is_adapter_dir(path):  # a LoRA checkpoint: its base (loaded by this function) + the adapter, merged
         return _load_adapter_model(path, lambda base: load_model_and_tokenizer(
@@ -42,8 +43,7 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = _check_path(path)
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
+    torch_dtype = _torch_dtype(dtype)
     kw = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
@@ -53,6 +53,13 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
     except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
         raise _load_error(path, local, exc) from None
     return model, tokenizer
+
+
+def _torch_dtype(dtype: str):
+    """model.dtype as a torch dtype (None for auto)."""
+    import torch
+
+    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def load_tokenizer_and_generation_config(path: str, *, trust_remote_code: bool = False):
