@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ihgrpo.config import ConfigError, TrainConfig, dump_config
+from ihgrpo.diagnostics import decoder_and_head, logits_at, q_shift_stats
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
 from ihgrpo.rollout import RolloutConfig, RolloutEngine, SamplingParams, Trajectory, batch_stats
@@ -82,9 +83,8 @@ class PolicyStats(nn.Module):
         self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, labels, compute_entropy: bool = False):
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        base, head = decoder_and_head(self.model)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
         stats = chunked_token_stats(hidden[:, :-1], head.weight, labels, self.execute_token_id,
                                     chunk_size=self.chunk_size, compute_entropy=compute_entropy,
                                     lm_head_bias=getattr(head, "bias", None), temperature=self.temperature)
@@ -356,6 +356,7 @@ class GRPOTrainer:
         mb = o.micro_batch_size
         stats_sum: dict[str, float] = {}
         weight_sum = 0.0
+        probe = self._probe_logits(trajs, keep) if cfg.log.update_diagnostics else None
         grad_norms = []
         n_updates = o.updates_per_step
         per_update = math.ceil(len(order) / n_updates)
@@ -410,7 +411,21 @@ class GRPOTrainer:
         out = {f"loss/{k}": v / max(weight_sum, 1e-12) for k, v in stats_sum.items()}
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
+        if probe is not None:
+            out.update(q_shift_stats(probe, self._probe_logits(trajs, keep), self.execute_token_id))
         return out
+
+    @torch.no_grad()
+    def _probe_logits(self, trajs, keep) -> torch.Tensor:
+        """Full-vocabulary logits at this process's trained E tokens (the update diagnostic)."""
+        rows, mb = [], self.cfg.optim.micro_batch_size
+        for s in range(0, len(trajs), mb):
+            b = _to(collate(trajs[s:s + mb], [0.0] * len(trajs[s:s + mb]), self.pad_id, keep[s:s + mb],
+                            self.execute_token_id), self.accelerator.device)
+            with _autocast(self.accelerator):
+                rows.append(logits_at(self._model(), b.input_ids, b.attention_mask,
+                                      (b.labels == self.execute_token_id) & (b.mask > 0), self.cfg.rollout.temperature))
+        return torch.cat(rows)
 
     @torch.no_grad()
     def _average_gradients(self) -> None:
