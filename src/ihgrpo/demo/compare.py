@@ -90,9 +90,9 @@ def plan(lams=(), *, coupled: bool = True, cmask_decision_lams=()) -> list[Arm]:
     return arms
 
 
-def budget_of(settings, overrides) -> dict:
+def budget_of(settings, overrides, curve_evals: int) -> dict:
     """What every run of one study shares; a rerun with another budget must not mix into it."""
-    blob = {"settings": asdict(settings), "overrides": list(overrides)}
+    blob = {"settings": asdict(settings), "overrides": list(overrides), "curve_evals": curve_evals}
     blob["id"] = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return blob
 
@@ -154,7 +154,7 @@ def run_compare(out_dir, *, overrides=(), seeds: int = 2, lams=(), coupled: bool
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or DemoSettings.full()
     arms = plan(lams, coupled=coupled, cmask_decision_lams=cmask_decision_lams)
-    budget = budget_of(settings, overrides)
+    budget = budget_of(settings, overrides, curve_evals)
     (out / "budget.json").write_text(json.dumps(budget, indent=2, default=str))
     runs_path = out / RUNS_FILE
     done = {(r["method"], float(r["lam"]), r["c_mask"], int(r["seed"])): r for r in load_runs(runs_path, budget["id"])}
