@@ -131,7 +131,8 @@ def report(runs: list[dict], budget: dict, png_name: str) -> str:
             out.append(f"| {arm.label} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
     times = [r["time_s"] for r in runs]
     out += ["", f"![mean curves over seeds with 95% bands]({png_name})", "",
-            f"{len(runs)} runs, {sum(times) / 60:.0f} minutes of RL and evaluation in all ({statistics.fmean(times):.0f} s "
+            f"{len(runs)} runs, {sum(times) / 60:.0f} minutes of RL and evaluation in all "
+            f"({statistics.fmean(times):.0f} s "
             f"a run, one thread on a shared 2-core machine). Raw rows: `{png_name[:-4]}.json`.", ""]
     return "\n".join(out)
 

@@ -40,7 +40,8 @@ def test_lambda_report_from_a_study_stopped_early(tmp_path):
     import json
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("lambda_report", Path(__file__).parents[1] / "bench" / "lambda_report.py")
+    script = Path(__file__).parents[1] / "bench" / "lambda_report.py"
+    spec = importlib.util.spec_from_file_location("lambda_report", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
