@@ -61,6 +61,16 @@ def diag_means(row: dict, key: str) -> tuple[float | None, float | None]:
     return (vals[0] if vals else None), (statistics.fmean(vals) if vals else None)
 
 
+def first_divergence(row: dict, base: dict) -> int | None:
+    """The first RL step whose training rollouts differ from the base run's (rewards, delay-call rate,
+    tool calls); None when all steps agree, i.e. the same seed sampled the same trajectories."""
+    keys = ("reward", "rollout/delay_call_rate", "rollout/tool_calls_per_trajectory")
+    for a, b in zip(row["curves"]["train"], base["curves"]["train"]):
+        if any(a.get(k) != b.get(k) for k in keys):
+            return a["step"]
+    return None
+
+
 def report(runs: list[dict], budget: dict, png_name: str) -> str:
     arms = arms_of(runs)
     seeds = sorted({r["seed"] for r in runs})
@@ -91,8 +101,11 @@ def report(runs: list[dict], budget: dict, png_name: str) -> str:
                 "Difference = arm - GRPO-D in held-out accuracy, seed by seed. Paired t-test (two-sided) and the "
                 f"exact sign-flip permutation test over all 2^n sign patterns (with n = {len(seeds)} pairs its "
                 f"smallest possible p is {2 / 2 ** len(seeds):.4f}).", "",
+                "`same rollouts`: seeds on which every training step's reward, delay-call rate and tool calls "
+                "equal GRPO-D's, i.e. the update changed the policy too little to change one sampled token "
+                "(otherwise the first step that differs).", "",
                 "| arm | n pairs | mean difference | 95% CI | better / same / worse | paired t | p (t) | "
-                "p (sign-flip) |", "|---|---|---|---|---|---|---|---|"]
+                "p (sign-flip) | same rollouts |", "|---|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             if arm == base:
                 continue
@@ -105,8 +118,12 @@ def report(runs: list[dict], budget: dict, png_name: str) -> str:
             m, lo, hi = mean_ci(d)
             t, p = paired_t(xs, ys)
             tally = f"{sum(v > 0 for v in d)} / {sum(v == 0 for v in d)} / {sum(v < 0 for v in d)}"
+            div = [first_divergence(rs[s], b[s]) for s in common]
+            same = f"{div.count(None)} of {len(common)}"
+            if any(v is not None for v in div):
+                same += " (else from step " + ", ".join(str(v) for v in div if v is not None) + ")"
             out.append(f"| {arm.label} | {len(common)} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {tally} | {t:.2f} | "
-                       f"{fmt_p(p)} | {fmt_p(sign_flip_p(xs, ys))} |")
+                       f"{fmt_p(p)} | {fmt_p(sign_flip_p(xs, ys))} | {same} |")
     diag = [a for a in arms if any("diag/q_kl_at_E" in p for r in rows_of(runs, a).values()
                                    for p in r["curves"]["train"])]
     if diag:
@@ -119,16 +136,22 @@ def report(runs: list[dict], budget: dict, png_name: str) -> str:
                 "in the network the other tokens' gradients move shared weights, so q moves at E tokens for every "
                 "lambda. Step 1 is a clean paired comparison: same model, same rollouts for a given seed, only the "
                 "loss differs. Mean over seeds (95% CI).", "",
-                "| arm | q_kl at step 1 (x1e-4) | q_kl, mean over steps (x1e-4) | E share at step 1 | "
-                "E share, mean over steps |", "|---|---|---|---|---|"]
+                "| arm | q_kl at step 1 (x1e-4) | step 1 q_kl / GRPO-D's (same seed) | q_kl, mean over steps (x1e-4) | "
+                "E share at step 1 | E share, mean over steps |", "|---|---|---|---|---|---|"]
+        b = rows_of(runs, base) if base is not None else {}
         for arm in diag:
             cells = []
+            rs = rows_of(runs, arm)
+            ratios = [diag_means(rs[s], "diag/q_kl_at_E")[0] / diag_means(b[s], "diag/q_kl_at_E")[0]
+                      for s in seeds if s in rs and s in b and diag_means(b[s], "diag/q_kl_at_E")[0]]
             for key, scale in (("diag/q_kl_at_E", 1e4), ("diag/e_share_at_E", 1.0)):
                 for which in (0, 1):
                     vals = [v for r in rows_of(runs, arm).values() if (v := diag_means(r, key)[which]) is not None]
                     m, lo, hi = mean_ci([v * scale for v in vals])
                     cells.append(f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
-            out.append(f"| {arm.label} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+            m, lo, hi = mean_ci(ratios) if ratios else (float("nan"),) * 3
+            out.append(f"| {arm.label} | {cells[0]} | {m:.4f} [{lo:.4f}, {hi:.4f}] | {cells[1]} | {cells[2]} | "
+                       f"{cells[3]} |")
     times = [r["time_s"] for r in runs]
     out += ["", f"![mean curves over seeds with 95% bands]({png_name})", "",
             f"{len(runs)} runs, {sum(times) / 60:.0f} minutes of RL and evaluation in all "

@@ -64,7 +64,9 @@ def test_lambda_report_from_a_study_stopped_early(tmp_path):
     assert "| GRPO-D (λ=0) | 3 | 0.510 |" in md and "0.500, 0.510, 0.520" in md
     # +0.1 on every seed: the sign-flip p is its minimum 2/8, the t-test's differences have sd 0
     assert "| EH-GRPO (λ=1) | 3 | +0.100 |" in md and "| 3 / 0 / 0 |" in md and "| 0.250 |" in md
-    assert "| EH-GRPO (λ=1) | 1.000 [1.000, 1.000] | 0.750 [0.750, 0.750] |" in md  # q_kl x1e-4 at step 1, mean
+    # q_kl x1e-4 at step 1, its ratio to GRPO-D's, the mean over steps; the training curves are the same
+    assert "| EH-GRPO (λ=1) | 1.000 [1.000, 1.000] | 0.2500 [0.2500, 0.2500] | 0.750 [0.750, 0.750] |" in md
+    assert "| 3 of 3 |" in md
     assert json.loads(prefix.with_suffix(".json").read_text()) == rows
     assert prefix.with_suffix(".png").stat().st_size > 0
     # the written reading survives a regeneration

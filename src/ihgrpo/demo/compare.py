@@ -250,8 +250,8 @@ def plot_mean_curves(arms: list[Arm], runs: list[dict], path: Path,
                      panels=(("eval", "accuracy", "held-out accuracy (curve problems)"),
                              ("train", "reward", "training reward"),
                              ("train", "rollout/delay_call_rate", "delay-call rate (training rollouts)"),
-                             ("train", "diag/q_kl_at_E", "KL(q before || q after) at E tokens"))) -> None:
-    """Mean over seeds with a 95% band, one line per arm."""
+                             ("train", "diag/q_kl_at_E", "KL(q before || q after) at E tokens (log)"))) -> None:
+    """Mean over seeds with a 95% band (clipped to [0, 1] for rates; log scale for the KL), one line per arm."""
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (part, key, title) in zip(axes.flat, panels):
@@ -261,7 +261,12 @@ def plot_mean_curves(arms: list[Arm], runs: list[dict], path: Path,
             if not steps:
                 continue
             (line,) = ax.plot(steps, m, label=arm.label, marker="o" if len(steps) < 12 else None, ms=3)
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            if key.startswith("diag/q_kl"):
+                ax.set_yscale("log")
+                lo = [max(v, x / 10) for v, x in zip(lo, m)]
+            else:
+                lo, hi = [max(v, 0.0) for v in lo], [min(v, 1.0) for v in hi]
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
