@@ -1,9 +1,11 @@
-"""Command line: `ihgrpo train | eval | demo`.
+"""Command line: `ihgrpo train | eval | demo | export`.
 
     ihgrpo train CONFIG [key=value ...]   CONFIG: a YAML path or a packaged name (qwen3-1.7b, ...)
-    ihgrpo eval --model PATH --benchmark SPEC ... --out DIR
-    ihgrpo demo [--out DIR]               the embedded main job
+    ihgrpo eval --model PATH --benchmark SPEC ... --out DIR [key=value ...]
+    ihgrpo demo [--out DIR] [key=value ...]   the embedded main job
+    ihgrpo export --checkpoint C --out DIR   a checkpoint as one model directory (LoRA merged)
 
+Options and key=value settings may come in any order.
 Configuration, data and model errors print one line and exit with status 2.
 """
 
@@ -14,14 +16,17 @@ import logging
 import os
 import sys
 
+import ihgrpo.demo  # noqa: F401  (the wiring: registers the demo's named sources, e.g. model.path: demo)
+
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
+    from ihgrpo.rollout.vllm import BackendUnavailable
     from ihgrpo.sandbox import SandboxUnavailable
-    from ihgrpo.trainer import ModelLoadError
+    from ihgrpo.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
+    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable, BackendUnavailable)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -42,9 +47,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ihgrpo.evaluate import cmd_eval as run
+    from ihgrpo.eval.cli import cmd_eval as run
 
     return run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ihgrpo.config import ConfigError
+    from ihgrpo.models import load_model_and_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; export into a new directory")
+    # The loader resolves a checkpoint to its model/ and merges a LoRA adapter into its base.
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, dtype=args.dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"exported {args.checkpoint} to {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          "parameters); load it with ihgrpo eval --model or transformers' from_pretrained")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -77,6 +100,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
+           argv: list[str] | None) -> argparse.Namespace:
+    """Options and ``key=value`` settings in any order: argparse hands back the settings that
+    follow an option as unrecognized, so they join the overrides in the order given; any other
+    leftover is an error (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(bad)} (settings are written key=value)")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ihgrpo", description="IH-GRPO: train and evaluate "
                                      "language models that reason with deferred code execution.")
@@ -84,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="RL training (GRPO / IH-GRPO)")
     train.add_argument("config", help="a YAML path or a packaged config name")
     train.add_argument("overrides", nargs="*", help="key=value overrides (e.g. algo.lam=0 max_steps=10)")
-    from ihgrpo.evaluate import add_eval_arguments
+    from ihgrpo.eval.cli import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
+    export = sub.add_parser("export", help="write a checkpoint as a plain model directory (LoRA merged into its base)")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint (RUN/checkpoints/step-N), its model/ directory, or any model directory")
+    export.add_argument("--out", required=True, help="a new directory for the model and tokenizer")
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights' dtype (auto: float32)")
     demo = sub.add_parser("demo", help="run the embedded main job: a tiny model learns delayed tool use")
     demo.add_argument("--out", default=None, help="directory for the outputs (default runs/demo)")
     demo.add_argument("--quick", action="store_true",
@@ -107,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--walkthrough", action="store_true",
                       help="only the scripted protocol walkthrough (no training; seconds)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the RL stage (configs/demo.yaml)")
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub.choices, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except _usage_errors() as exc:

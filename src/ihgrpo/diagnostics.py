@@ -70,3 +70,26 @@ def logits_at(model, input_ids: Tensor, attention_mask: Tensor, select: Tensor, 
     finally:
         model.train(was_training)
     return z / temperature
+
+
+class UpdateProbe:
+    """Logits at a step's trained E tokens before the update (built before the optimizer step);
+    ``after()`` reads them again and returns :func:`q_shift_stats` (this process's tokens only)."""
+
+    def __init__(self, trainer, trajs, keep):
+        from ihgrpo.trainer import _to, collate  # here: the trainer imports this module
+
+        mb, self.trainer, self.E = trainer.cfg.optim.micro_batch_size, trainer, trainer.execute_token_id
+        self.batches = [_to(collate(trajs[s:s + mb], [0.0] * len(trajs[s:s + mb]), trainer.pad_id, keep[s:s + mb],
+                                    self.E), trainer.accelerator.device) for s in range(0, len(trajs), mb)]
+        self.before = self._logits()
+
+    def _logits(self) -> Tensor:
+        t = self.trainer
+        with t.dist.full_params(t.policy), t._autocast():  # FSDP: every rank gathers, then each probes its rows
+            return torch.cat([logits_at(t._model(), b.input_ids, b.attention_mask,
+                                        (b.labels == self.E) & (b.mask > 0), t.cfg.rollout.temperature)
+                              for b in self.batches])
+
+    def after(self) -> dict[str, float]:
+        return q_shift_stats(self.before, self._logits(), self.E)
