@@ -77,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return walkthrough(args.out)
     import torch
 
+    from ihgrpo.config import ConfigError
     from ihgrpo.demo.pipeline import DemoSettings, run_compare, run_demo
 
     if "OMP_NUM_THREADS" not in os.environ:
@@ -86,7 +87,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.out or ("runs/demo-compare" if args.compare else "runs/demo")
     settings = DemoSettings.quick() if args.quick else DemoSettings.full()
     if args.compare:
-        run_compare(out, overrides=args.overrides, seeds=args.seeds, settings=settings)
+        from ihgrpo.demo.compare import parse_lams
+
+        try:
+            lams, cm_lams = parse_lams(args.lams), parse_lams(args.cmask_decision_lams, "--cmask-decision-lams")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        run_compare(out, overrides=args.overrides, seeds=args.seeds, lams=lams, coupled=not args.no_coupled,
+                    cmask_decision_lams=cm_lams, curve_evals=args.curve_evals, settings=settings)
     else:
         run_demo(out, overrides=args.overrides, fresh=args.fresh, settings=settings)
     return 0
@@ -128,8 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="the reduced run CI uses: smaller model and task, a few RL steps (about 2 minutes)")
     demo.add_argument("--fresh", action="store_true", help="retrain the SFT start instead of reusing the cache")
     demo.add_argument("--compare", action="store_true",
-                      help="IH-GRPO vs GRPO-D vs EH-GRPO vs GRPO-C on the same budget")
+                      help="IH-GRPO vs GRPO-D vs EH-GRPO vs GRPO-C on the same budget (resumable: reruns "
+                           "skip the runs already in DIR/runs.jsonl)")
     demo.add_argument("--seeds", type=int, default=2, help="seeds per method with --compare")
+    demo.add_argument("--lams", default=None, metavar="L1,L2,...",
+                      help="with --compare: one IH-GRPO row per lambda (0 = GRPO-D, 1 = EH-GRPO) instead of "
+                           "the default 1e-3,0,1")
+    demo.add_argument("--cmask-decision-lams", default=None, metavar="L1,...",
+                      help="with --compare: add rows with c_mask=decision at these lambdas")
+    demo.add_argument("--no-coupled", action="store_true", help="with --compare: leave out GRPO-C")
+    demo.add_argument("--curve-evals", type=int, default=5,
+                      help="with --compare: held-out curve evaluations per run (0: none)")
     demo.add_argument("--walkthrough", action="store_true",
                       help="only the scripted protocol walkthrough (no training; seconds)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the RL stage (configs/demo.yaml)")

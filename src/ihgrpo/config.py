@@ -153,6 +153,8 @@ class LogConfig:
     wandb_project: str = "ihgrpo"
     progress: bool = True
     sample_every: int = 0  # write rollouts.jsonl samples every N steps (0: never)
+    # log diag/q_kl_at_E and diag/e_share_at_E (ihgrpo.diagnostics): two extra no-grad forwards a step
+    update_diagnostics: bool = False
 
 
 @dataclass

@@ -30,6 +30,7 @@ from torch import nn
 
 from ihgrpo import registry
 from ihgrpo.config import ConfigError, TrainConfig, dump_config
+from ihgrpo.diagnostics import UpdateProbe, decoder_and_head
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.dist import make_strategy
 from ihgrpo.lora import apply_lora, require_peft
@@ -59,9 +60,8 @@ class PolicyStats(nn.Module):
         self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, labels, compute_entropy: bool = False):
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        base, head = decoder_and_head(self.model)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
         stats = chunked_token_stats(hidden[:, :-1], head.weight, labels, self.execute_token_id,
                                     chunk_size=self.chunk_size, compute_entropy=compute_entropy,
                                     lm_head_bias=getattr(head, "bias", None), temperature=self.temperature)
@@ -394,6 +394,7 @@ class GRPOTrainer:
         stats_sum: dict[str, float] = {}
         extremes: dict[str, float] = {}
         weight_sum = 0.0
+        probe = UpdateProbe(self, trajs, keep) if cfg.log.update_diagnostics else None
         grad_norms = []
         n_updates = o.updates_per_step
         per_update = math.ceil(len(order) / n_updates)
@@ -455,7 +456,7 @@ class GRPOTrainer:
         out.update({f"loss/{k}": v for k, v in extremes.items()})
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
-        return out
+        return {**out, **(probe.after() if probe else {})}
 
     def _idle_pass(self, backward: bool = True) -> None:
         """A zero-weight pass on a 2-token row. Under FSDP every forward and backward is a
