@@ -165,3 +165,25 @@ def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "qwen3-1.7b", f"model.path={tmp_path}/no-model", f"data.train={data}"]) == 2
     err = capsys.readouterr().err
     assert "no-model" in err and "does not exist" in err and err.count("\n") == 1
+
+
+def test_gradients_left_on_a_model_handed_in_do_not_leak_into_the_update(tmp_path):
+    """The demo trained its SFT start in memory: its last gradients stayed on the parameters and
+    the first RL update added them in, so a fresh start and the same weights reloaded differed."""
+    def reward(answers, golds):  # noqa: ARG001
+        return [float(i % 2) for i in range(len(answers))]
+
+    weights = {}
+    for name in ("clean", "stale"):
+        tok, model = _tiny()
+        if name == "stale":
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)
+        trainer = GRPOTrainer(_cfg(tmp_path / name, "max_steps=1"), model=model, tokenizer=tok,
+                              examples=EXAMPLES, reward_fn=reward)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        weights[name] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights["clean"], weights["stale"]))

@@ -308,6 +308,9 @@ class GRPOTrainer:
         cfg, algo, o = self.cfg, self.cfg.algo, self.cfg.optim
         keep = [not ((algo.mask_void and t.void) or (algo.mask_truncated and t.truncated)) for t in trajs]
         self._model().train()
+        # A model handed in may carry gradients of earlier training (e.g. the demo's SFT): the
+        # first update would add them in, and a reloaded copy of the same weights would not.
+        self.optimizer.zero_grad(set_to_none=True)
         # Normalisers over the whole step on all processes, so that accumulation and DDP's mean
         # reproduce the single-process loss exactly.
         tokens = [sum(t.mask) if k else 0 for t, k in zip(trajs, keep)]
