@@ -18,7 +18,7 @@ SRC = Path(ihgrpo.__file__).resolve().parent
 # Lower layers never import higher ones (imports inside a layer are free).
 LAYERS = [
     ("ihgrpo.protocol", "ihgrpo.utils", "ihgrpo.registry", "ihgrpo.losses", "ihgrpo.sandbox", "ihgrpo.testing"),
-    ("ihgrpo.data", "ihgrpo.models", "ihgrpo.rewards", "ihgrpo.viewer"),
+    ("ihgrpo.data", "ihgrpo.models", "ihgrpo.vocab", "ihgrpo.rewards", "ihgrpo.viewer"),
     ("ihgrpo.rollout",),
     ("ihgrpo.config",),
     ("ihgrpo.trainer", "ihgrpo.eval"),

@@ -35,6 +35,7 @@ from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenize
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.hf import HFGenerator
 from ihgrpo.utils import fsync_dir
+from ihgrpo.vocab import add_protocol_tokens
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class GRPOTrainer:
             raise ConfigError("a tokenizer is required with a model object")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.rollout.mode == "delayed":  # E must be one token: add it to a vocabulary without it
+            add_protocol_tokens(model, tokenizer, cfg.rollout.execute_token)
         self.tokenizer = tokenizer
         self.examples = examples if examples is not None else load_examples(
             cfg.data.train, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
@@ -166,6 +169,13 @@ class GRPOTrainer:
         self.generator = HFGenerator(model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed)
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
+        self._has_execute_token = self.execute_token_id is not None
+        if not self._has_execute_token:  # the coupled protocol on a vocabulary without E
+            if cfg.algo.lam != 0:
+                raise ConfigError(f"algo.lam: the IH surrogate reads the probability of the execute token, and the "
+                                  f"tokenizer has no {r.execute_token!r} token (the coupled protocol adds none); "
+                                  f"set algo.lam=0 (GRPO-C) or use rollout.mode=delayed")
+            self.execute_token_id = 0  # any id: with lam = 0 the loss never uses it
         self.fence_close_ids = _fence_close_ids(tokenizer)
 
         self.policy = PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size, r.temperature)
@@ -360,6 +370,8 @@ class GRPOTrainer:
                     norm_constant=norm_constant)
                 with self.accelerator.no_sync(self.policy):
                     self.accelerator.backward(loss * w)
+                if not self._has_execute_token:
+                    stats.pop("p_execute", None)  # the probability of a token that is not E
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
                 weight_sum += w / (self.world * n_updates)

@@ -114,11 +114,13 @@ def _plan(bench: Benchmark, ledger: SampleLedger, batch_size: int) -> list[list[
 class _Runner:
     """The model, generator, sandbox pool and verifier of one run (built only when needed)."""
 
-    def __init__(self, cfg: EvalConfig, bcfgs: dict[str, EvalConfig], model, tokenizer, echo):
+    def __init__(self, cfg: EvalConfig, bcfgs: dict[str, EvalConfig], model, tokenizer, echo,
+                 domains: dict[str, str]):
         import torch
 
         from ihgrpo.models import eos_token_ids, load_model_and_tokenizer
         from ihgrpo.rollout.hf import HFGenerator
+        from ihgrpo.vocab import add_protocol_tokens
 
         self.cfg, self.bcfgs = cfg, bcfgs
         e, m = cfg.eval, cfg.model
@@ -132,6 +134,9 @@ class _Runner:
                  f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
         elif tokenizer is None:
             raise EvalError("a tokenizer is needed with a model object")
+        for token in sorted({c.rollout.execute_token for name, c in bcfgs.items()
+                             if c.rollout.mode == "delayed" and domains.get(name) == "math"}):
+            add_protocol_tokens(model, tokenizer, token)  # E must be one token: add it where it is missing
         self.tokenizer = tokenizer
         self.eos = eos_token_ids(model, tokenizer)
         if not self.eos:
@@ -148,8 +153,9 @@ class _Runner:
 
         if bench.name not in self.engines:
             try:
-                engine = RolloutEngine(self.generator, self.tokenizer, None,
-                                       self.bcfgs[bench.name].rollout.rollout_config(), eos_token_ids=self.eos)
+                rcfg = self.bcfgs[bench.name].rollout.rollout_config()
+                engine = RolloutEngine(self.generator, self.tokenizer, None, rcfg, eos_token_ids=self.eos,
+                                       require_execute_token=bench.domain == "math" and rcfg.mode == "delayed")
             except ValueError as exc:  # e.g. an execute token the tokenizer splits
                 raise EvalError(f"{bench.name}: {' '.join(str(exc).split())}") from None
             if bench.domain == "math" and self.pool is None:
@@ -294,7 +300,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     gen_time = 0.0
     try:
         if todo:
-            runner = _Runner(cfg, bcfgs, model, tokenizer, echo)
+            runner = _Runner(cfg, bcfgs, model, tokenizer, echo, {b.name: b.domain for b in benches})
         for b in benches:
             for pairs in plans[b.name]:
                 t0 = time.perf_counter()

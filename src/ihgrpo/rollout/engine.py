@@ -106,19 +106,31 @@ class RolloutConfig:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
 
 
+# A tokenizer without a chat template (a base model): the user content in this plain frame,
+# after the tokenizer's BOS token when it has one.
+PLAIN_PROMPT = "User: {content}\nAssistant:"
+
+
 class ChatFormat:
-    """Prompt ids through the tokenizer's chat template; observation ids at the token level."""
+    """Prompt ids through the tokenizer's chat template (else :data:`PLAIN_PROMPT`); observation
+    ids at the token level.
+
+    ``execute_token_id`` is None when the vocabulary has no single execute token, which only
+    ``require_execute_token=False`` allows (the coupled protocol never uses E).
+    """
 
     def __init__(self, tokenizer, *, execute_token: str = EXECUTE_TOKEN, enable_thinking: bool = False,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, require_execute_token: bool = True):
         self.tokenizer = tokenizer
         self.enable_thinking = enable_thinking
         ids = tokenizer.encode(execute_token, add_special_tokens=False)
-        if len(ids) != 1:
+        single = len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None)
+        if not single and require_execute_token:
             raise ValueError(f"the execute token {execute_token!r} must be one token of the "
-                             f"vocabulary; the tokenizer splits it into {ids}")
+                             f"vocabulary; the tokenizer splits it into {ids} (training and `ihgrpo eval` "
+                             f"add it: ihgrpo.vocab.add_protocol_tokens)")
         self.execute_token = execute_token
-        self.execute_token_id = ids[0]
+        self.execute_token_id = ids[0] if single else None
         eos = list(eos_token_ids or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -134,8 +146,10 @@ class ChatFormat:
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                       enable_thinking=self.enable_thinking)
-        else:  # a plain LM: the instruction is the prompt
-            text = user_content
+        else:  # a base model: a plain frame, so that the answer starts after "Assistant:"
+            bos = self.tokenizer.bos_token_id
+            return ([bos] if bos is not None else []) + self.tokenizer.encode(
+                PLAIN_PROMPT.replace("{content}", user_content), add_special_tokens=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -180,12 +194,16 @@ class RolloutEngine:
     """Runs G rollouts per question through the delayed or coupled protocol."""
 
     def __init__(self, generator: Generator, tokenizer, pool, config: RolloutConfig | None = None, *,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, require_execute_token: bool | None = None):
+        """``require_execute_token``: None = only the delayed protocol needs E in the vocabulary."""
         self.generator = generator
         self.pool = pool
         self.config = config or RolloutConfig()
+        if require_execute_token is None:
+            require_execute_token = Mode(self.config.mode) is Mode.DELAYED
         self.chat = ChatFormat(tokenizer, execute_token=self.config.execute_token,
-                               enable_thinking=self.config.enable_thinking, eos_token_ids=eos_token_ids)
+                               enable_thinking=self.config.enable_thinking, eos_token_ids=eos_token_ids,
+                               require_execute_token=require_execute_token)
         self._batches = itertools.count()
         self._run_id = uuid.uuid4().hex[:8]
         self.last_timing: dict[str, float] = {}
