@@ -26,8 +26,8 @@ __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
 
 # The settings as results.json lists them (bare names, as `ihgrpo eval` takes them).
 _FLAT = ("model", "protocol", "k", "limit", "temperature", "top_p", "top_k", "max_turns", "max_response_tokens",
-         "max_tokens_per_turn", "max_observation_tokens", "exec_timeout_s", "batch_size", "seed", "data_dir",
-         "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype", "device",
+         "max_tokens_per_turn", "max_context_tokens", "max_observation_tokens", "exec_timeout_s", "batch_size",
+         "seed", "data_dir", "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype", "device",
          "instruction", "execute_token", "enable_thinking", "viewer_samples")
 
 
@@ -60,10 +60,13 @@ def bench_config(cfg: EvalConfig, bench: Benchmark) -> EvalConfig:
 
 def _rollout_settings(bench: Benchmark, bcfg: EvalConfig) -> dict:
     r = bcfg.rollout
-    return {"protocol": "none" if bench.domain == "choice" else r.mode, "max_turns": r.max_turns,
-            "max_response_tokens": r.max_response_tokens, "max_tokens_per_turn": r.max_tokens_per_turn,
-            "max_observation_tokens": r.max_observation_tokens, "exec_timeout_s": r.exec_timeout_s,
-            "instruction": r.instruction, "execute_token": r.execute_token, "enable_thinking": r.enable_thinking}
+    out = {"protocol": "none" if bench.domain == "choice" else r.mode, "max_turns": r.max_turns,
+           "max_response_tokens": r.max_response_tokens, "max_tokens_per_turn": r.max_tokens_per_turn,
+           "max_observation_tokens": r.max_observation_tokens, "exec_timeout_s": r.exec_timeout_s,
+           "instruction": r.instruction, "execute_token": r.execute_token, "enable_thinking": r.enable_thinking}
+    if r.max_context_tokens is not None:  # only when set: ledgers written before it still resume
+        out["max_context_tokens"] = r.max_context_tokens
+    return out
 
 
 def _model_id(path: str) -> str:
@@ -292,7 +295,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     todo = sum(len(pairs) for batches in plans.values() for pairs in batches)
     for b in benches:
         have = len(b.problems) * b.k - sum(len(x) for x in plans[b.name])
-        echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source})"
+        echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source}"
+             + (f"; {b.selection})" if b.selection else ")")
              + (f", {have} samples done" if have else ""))
     runner = None
     t_start = time.perf_counter()
@@ -338,6 +342,8 @@ def _results(benches: list[Benchmark], ledger: SampleLedger, cfg: EvalConfig, bc
                                   "default" if rollout["instruction"] is None else
                                   "custom" if rollout["instruction"] == cfg.rollout.instruction else b.name)
         per[b.name] = {**m, "domain": b.domain, "source": b.source, "rollout": rollout}
+        if b.selection:
+            per[b.name]["selection"] = b.selection
     avgs = [v["avg@k"] for v in per.values()]
     settings = flat_settings(cfg)
     settings["model"] = _model_id(cfg.model.path)
