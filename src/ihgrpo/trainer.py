@@ -254,7 +254,7 @@ class GRPOTrainer:
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
         kept_adv: list[float] = []
-        rolled = 0
+        rolled = dropped_truncated = 0
         t0 = time.perf_counter()
         self._model().eval()
         chunk = 0
@@ -274,6 +274,9 @@ class GRPOTrainer:
             adv = group_advantages(rewards, G, std_normalize=algo.advantage == "grpo")
             for g in range(0, len(trajs), G):
                 group = trajs[g:g + G]
+                if algo.min_valid and sum(not t.truncated for t in group) < algo.min_valid:
+                    dropped_truncated += 1  # too few complete rollouts to trust the group's baseline
+                    continue
                 if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
                     continue
                 if len(kept) < want * G:
@@ -286,14 +289,16 @@ class GRPOTrainer:
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
         metrics.update({"groups_rolled": rolled, "groups_kept": len(kept) // G,
+                        "groups_dropped_truncated": dropped_truncated,
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()
         n_kept = self._sum_across([len(kept)])[0]
         if n_kept == 0:
             # No group carries signal (every reward equal): say so instead of looping forever.
-            log.warning("step %d: no group had differing rewards after rolling out %d prompts; "
-                        "no update this step", step + 1, rolled)
+            log.warning("step %d: no group had differing rewards%s after rolling out %d prompts; "
+                        "no update this step", step + 1,
+                        f" and {algo.min_valid} non-truncated rollouts" if algo.min_valid else "", rolled)
             metrics.update({"no_signal": 1.0, "lr": self.scheduler.get_last_lr()[0]})
         else:
             metrics.update(self._update(kept, kept_adv))

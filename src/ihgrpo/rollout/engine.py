@@ -88,6 +88,8 @@ class RolloutConfig:
     max_response_tokens: int = 8000  # model + observation tokens after the prompt
     max_tokens_per_turn: int | None = None  # None: up to the response budget
     max_observation_tokens: int = 256
+    # prompt + response + observations (the release's 16,000-token context); None: no limit of its own
+    max_context_tokens: int | None = None
     observation_max_chars: int = 2048
     exec_timeout_s: float | None = None  # None: the pool's timeout
     # None: a round waits for every execution, so batches (and seeded samples) do not depend on
@@ -104,6 +106,8 @@ class RolloutConfig:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
+        if self.max_context_tokens is not None and self.max_context_tokens < 1:
+            raise ValueError(f"max_context_tokens must be >= 1 (or None), got {self.max_context_tokens}")
 
 
 # A tokenizer without a chat template (a base model): the user content in this plain frame,
@@ -238,6 +242,9 @@ class RolloutEngine:
                                      stop_strings=stop_strings, seed=params.seed)
         per_turn = cfg.max_tokens_per_turn or cfg.max_response_tokens
         window = {t.uid: "" for t in trajs}  # model text since the last execution
+        for t in trajs:
+            if not t.done and self._room(t) <= 0:  # the prompt alone fills the context
+                t.truncated = True
         partial: dict[str, list] = {}  # coupled: a turn continued after a non-python fence closed
         ready = [t for t in trajs if not t.done]
         running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
@@ -250,7 +257,7 @@ class RolloutEngine:
             while ready or running:
                 if ready:
                     t0 = time.perf_counter()
-                    budgets = [min(per_turn, cfg.max_response_tokens - len(t.response_ids)) for t in ready]
+                    budgets = [min(per_turn, self._room(t)) for t in ready]
                     if params.seed is not None:  # a fresh, reproducible stream for every round
                         turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + rounds)
                     rounds += 1
@@ -320,7 +327,7 @@ class RolloutEngine:
             end = TurnEnd.EOS
         elif out.finish_reason == "stop_string" and coupled and coupled_block_end(window[traj.uid] + text) is not None:
             end = TurnEnd.CODE_BLOCK
-        elif out.finish_reason == "stop_string" and coupled and len(traj.response_ids) < cfg.max_response_tokens \
+        elif out.finish_reason == "stop_string" and coupled and self._room(traj) > 0 \
                 and len(turn_ids) < (cfg.max_tokens_per_turn or cfg.max_response_tokens):
             partial[traj.uid] = turn_ids  # a non-python fence closed: keep generating this turn
             return "continue"
@@ -332,7 +339,7 @@ class RolloutEngine:
         traj.turns.append(record)
         window[traj.uid] += text
         action = next_action(end, len(traj.turns), cfg.max_turns)
-        out_of_room = action == "execute" and len(traj.response_ids) >= cfg.max_response_tokens
+        out_of_room = action == "execute" and self._room(traj) <= 0
         if end is TurnEnd.BUDGET or out_of_room:  # no room left for an observation and a reply
             traj.truncated = True
             return None
@@ -348,6 +355,15 @@ class RolloutEngine:
         record.code = "\n".join(blocks)
         return record.code, record
 
+    def _room(self, traj: Trajectory) -> int:
+        """Tokens the trajectory may still add: the response budget, and the context budget
+        (which counts the prompt too)."""
+        cfg = self.config
+        room = cfg.max_response_tokens - len(traj.response_ids)
+        if cfg.max_context_tokens is not None:
+            room = min(room, cfg.max_context_tokens - len(traj.prompt_ids) - len(traj.response_ids))
+        return room
+
     def _observe(self, traj: Trajectory, record: TurnRecord, result) -> None:
         cfg = self.config
         text, ids = self.chat.observation_ids(result, nothing_pending=result is None,
@@ -358,7 +374,7 @@ class RolloutEngine:
             record.ok, record.timed_out = bool(result.ok), bool(result.timed_out)
             record.state_lost = bool(getattr(result, "state_lost", False))
             record.exec_time_s = float(getattr(result, "duration_s", 0.0))
-        if len(traj.response_ids) + len(ids) >= cfg.max_response_tokens:
+        if len(ids) >= self._room(traj):
             traj.truncated = True  # no room to continue after the observation
             return
         traj.response_ids += ids
