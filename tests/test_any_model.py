@@ -161,3 +161,20 @@ def test_two_training_steps_under_both_protocols_then_resume_and_eval(llama_dir,
 def test_coupled_without_the_execute_token_needs_lam_0(llama_dir, arith, tmp_path):
     with pytest.raises(ConfigError, match="algo.lam=0"):
         GRPOTrainer(_train_cfg(llama_dir, arith, tmp_path, "coupled", "algo.lam=1e-3"), reward_fn=_alternate)
+
+
+def test_vllm_on_a_folder_without_the_execute_token_is_a_one_line_error(llama_dir, arith, tmp_path, monkeypatch):
+    """vLLM reads the weights from the folder, so the vocabulary cannot grow in memory: say so
+    before starting an engine."""
+    import types
+
+    import ihgrpo.rollout.vllm as vllm_mod
+    from ihgrpo.config import load_eval_config
+    from ihgrpo.eval import EvalError, run_eval
+
+    fake = types.SimpleNamespace(LLM=lambda *a, **k: pytest.fail("an engine was started"))
+    monkeypatch.setattr(vllm_mod, "import_vllm", lambda: fake)
+    cfg = load_eval_config(None, [f"model={llama_dir}", "backend=vllm", "k=1", "max_response_tokens=16"])
+    with pytest.raises(EvalError, match="--backend hf") as exc:
+        run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=lambda m: None)
+    assert "\n" not in str(exc.value) and EXECUTE_TOKEN in str(exc.value)

@@ -331,6 +331,21 @@ def test_stop_token_wins_over_stop_string(qwen_vocab_model, qwen_tok):
     assert out.token_ids == script[:2] and out.stop_string == "a<tool_call>"
 
 
+
+@pytest.mark.parametrize("trailing", ["", "  ", "\t", " \r"])
+def test_coupled_fence_stops_end_the_row_whatever_follows_the_fence(qwen_vocab_model, qwen_tok, trailing):
+    """The coupled protocol's stop strings stop the row at the fence line, spaces or not."""
+    from ihgrpo.rollout.engine import CODE_FENCE_STOPS
+
+    prefix = qwen_tok.encode("```python\n")
+    line = f"print(1)\n```{trailing}\n"
+    script = qwen_tok.encode(line + "More text after the block.")
+    gen = HFGenerator(_ScriptedLM(qwen_vocab_model, len(prefix), script), qwen_tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=len(script), stop_strings=CODE_FENCE_STOPS)
+    (out,) = gen.generate([prefix], params)
+    assert out.finish_reason == "stop_string" and out.token_ids == script[:len(out.token_ids)]
+    assert qwen_tok.decode(out.token_ids) == line  # these tokens end exactly at the newline
+
 # ------------------------------------------------------------------ seeds
 
 

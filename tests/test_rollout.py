@@ -356,6 +356,51 @@ def test_engine_with_a_tiny_random_qwen3(tok, pool):
         assert obs_ids == [x for o in obs for x in enc(tok, o)]
 
 
+def test_answer_then_execute_finishes_without_spending_a_turn(tok, pool):
+    turns = [enc(tok, "So the answer is \\boxed{42}.") + [E], enc(tok, "unused") + [EOS]]
+    engine, gen = engine_for(tok, pool, turn_player(tok, turns))
+    [traj] = engine.rollout(["What is 6 times 7?"], 1, PARAMS)
+    assert gen.calls == 1 and len(traj.turns) == 1
+    [turn] = traj.turns
+    assert turn.end is TurnEnd.EXECUTE and turn.code is None and turn.output is None
+    assert traj.finished and not traj.truncated and not traj.void and traj.answer == "42"
+    # E is kept as the policy sampled it (mask 1, its log-prob); no observation follows it.
+    assert traj.response_ids == turns[0] and traj.mask == [1] * len(turns[0])
+    assert traj.logprobs[-1] == scripted_logprob(E, len(traj.prompt_ids) + len(turns[0]) - 1)
+    # Prose after the answer: E still asks for an execution, which finds nothing to run.
+    turns = [enc(tok, "Maybe \\boxed{42}, let me check.") + [E], enc(tok, "\\boxed{42}") + [EOS]]
+    engine, _ = engine_for(tok, pool, turn_player(tok, turns))
+    [traj] = engine.rollout(["q"], 1, PARAMS)
+    assert [t.end for t in traj.turns] == [TurnEnd.EXECUTE, TurnEnd.EOS]
+    assert "nothing" in traj.turns[0].output.lower()
+
+
+@pytest.mark.parametrize("trailing", ["", "  ", "\t", " \r", " " * 6])
+def test_coupled_fence_followed_by_spaces_ends_the_turn(tok, pool, trailing):
+    """Each block runs at its own fence, whatever follows the fence on its line (a few spaces are
+    stop strings; a longer run is cut by the engine after the generator overshoots)."""
+    plan = (f"Set up.\n```python\na = 3\n```{trailing}\nNext.\n```python\nprint(a * 7)\n```{trailing}\n"
+            "So \\boxed{21}")
+
+    def play(rid, prefix):  # noqa: ARG001 -- the plan, continued from what the model has written
+        text = tok.decode(prefix).rsplit("<|im_start|>assistant\n", 1)[-1]
+        text = text.removeprefix("<think>\n\n</think>\n\n")  # the template's non-thinking mode
+        written = re.sub(r"\nCode execution result: .*?\n</tool_call>\n", "", text, flags=re.S)
+        assert plan.startswith(written)
+        return enc(tok, plan[len(written):]) + [EOS]
+
+    engine, _ = engine_for(tok, pool, play, mode="coupled")
+    [traj] = engine.rollout(["q"], 1, PARAMS)
+    assert [t.end for t in traj.turns] == [TurnEnd.CODE_BLOCK, TurnEnd.CODE_BLOCK, TurnEnd.EOS]
+    assert [(t.code, t.blocks_run) for t in traj.turns[:2]] == [("a = 3", 1), ("print(a * 7)", 1)]
+    assert "21" in traj.turns[1].output and traj.answer == "21"
+    assert traj.model_text == plan + "<|im_end|>"
+    assert batch_stats([traj])["delay_call_rate"] == 0.0
+    start = len(traj.prompt_ids)
+    for i, (tid, m, lp) in enumerate(zip(traj.response_ids, traj.mask, traj.logprobs)):
+        assert lp == (scripted_logprob(tid, start + i) if m else 0.0)
+
+
 def test_seeded_trajectories_get_their_own_seed_per_generation_call(tok, pool):
     """Per-request seeds: the n-th call for a trajectory samples with derive_seed(its seed, n),
     whatever else shares the round; a round with an unseeded trajectory passes no seeds."""

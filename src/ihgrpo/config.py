@@ -73,6 +73,12 @@ class RolloutSection:
     sandbox_memory_mb: int = 1024
     sandbox_isolation: Literal["auto", "bwrap", "none"] = "auto"
     straggler_wait_s: float | None = None  # None: deterministic rounds (see RolloutConfig)
+    # hf: the trainer's module; vllm: a vLLM engine (pip install 'ihgrpo[vllm]'); auto: vllm when it is
+    # installed and a GPU is present, else hf
+    backend: Literal["hf", "vllm", "auto"] = "hf"
+    vllm_gpu_memory_utilization: float = 0.3  # the engine's share of the GPU (weights + KV cache)
+    vllm_max_model_len: int | None = None  # None: the model's context length
+    vllm_sleep_level: int = 2  # during the update: 2 frees weights and KV cache, 1 keeps weights on CPU, 0 never
 
     # The one place that turns the section into the engine's objects (callers copy no fields).
     def rollout_config(self):
@@ -122,6 +128,10 @@ class AlgoConfig:
     min_valid: int = 0  # drop groups with fewer non-truncated rollouts (the release's min_n); 0: off
     reward: Literal["math_verify", "exact"] = "math_verify"
     reward_timeout_s: float = 5.0
+    # importance sampling against the generator's log-probs: tis multiplies each token's loss by
+    # min(exp(logp_old - logp_rollout), rollout_is_cap); the mismatch is logged every step either way
+    rollout_is: Literal["none", "tis"] = "none"
+    rollout_is_cap: float = 2.0
 
 
 @dataclass
@@ -173,7 +183,7 @@ class EvalSection:
 
 
 def _eval_rollout() -> RolloutSection:
-    return RolloutSection(top_p=0.7)
+    return RolloutSection(top_p=0.7, backend="auto", vllm_gpu_memory_utilization=0.9)
 
 
 @dataclass
@@ -181,7 +191,9 @@ class EvalConfig:
     """`ihgrpo eval`: the model and rollout sections of training, plus `eval:`.
 
     Defaults that differ from training: ``rollout.top_p`` 0.7 (the paper's evaluation; the
-    release's configured value, which its own evaluation silently dropped). ``rollout.group_size``
+    release's configured value, which its own evaluation silently dropped); ``rollout.backend``
+    auto (vLLM when installed and a GPU is present) with ``rollout.vllm_gpu_memory_utilization`` 0.9
+    (the engine has the GPU to itself). ``rollout.group_size``
     is unused (``eval.k`` is the number of samples per problem). ``model.dtype: auto`` is
     bfloat16 on a GPU, float32 on CPU.
     """
@@ -371,6 +383,9 @@ def _rollout_checks(r: RolloutSection) -> list[tuple[bool, str]]:
          f"rollout.max_observation_tokens: must be >= 1, got {r.max_observation_tokens}"),
         (r.exec_timeout_s > 0, f"rollout.exec_timeout_s: must be > 0, got {r.exec_timeout_s}"),
         (r.sandbox_workers >= 1, f"rollout.sandbox_workers: must be >= 1, got {r.sandbox_workers}"),
+        (0 < r.vllm_gpu_memory_utilization <= 1,
+         f"rollout.vllm_gpu_memory_utilization: must be in (0, 1], got {r.vllm_gpu_memory_utilization}"),
+        (r.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level: must be 0, 1 or 2, got {r.vllm_sleep_level}"),
     ]
 
 
@@ -395,6 +410,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.algo.clip_low < 1 and cfg.algo.clip_high >= 0, "algo.clip_low/clip_high: bad range"),
         (cfg.algo.dual_clip > 1, "algo.dual_clip: must be > 1"),
         (cfg.algo.lam >= 0, "algo.lam: must be >= 0"),
+        (cfg.algo.rollout_is_cap >= 1, "algo.rollout_is_cap: must be >= 1 (a cap below 1 down-weights every token)"),
         (cfg.optim.lr > 0, "optim.lr: must be > 0"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1"),
         (cfg.optim.updates_per_step >= 1, "optim.updates_per_step: must be >= 1"),

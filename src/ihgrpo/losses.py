@@ -15,6 +15,13 @@ the non-E tokens and g = -A r / N, the gradient w.r.t. the logits z_t is
 
 lambda = 0 is plain GRPO, lambda = 1 the explicit two-level policy (EH-GRPO).
 
+Rollout-vs-trainer mismatch: the tokens were sampled by the rollout engine (vLLM, or the HF
+generator), whose log-probs differ from the trainer's (kernels, precision). Given the engine's
+log-probs, truncated importance sampling (TIS, `rollout_is="tis"`) multiplies each token's loss by
+w_t = min(exp(logp_old_t - logp_rollout_t), C), a constant (no gradient). Since w_t > 0 this is the
+loss with per-token advantage A * w_t: the clip decisions do not change, the surrogate's sg(l_t)
+scales with it, and the gradient identity above holds with g = -A r w / N.
+
 Everything here is plain torch on per-token tensors, so any trainer can use it:
 
     token_stats_from_logits(logits, labels, E)         -> TokenStats(logp, logp_exec, z_exec, entropy)
@@ -53,6 +60,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ROLLOUT_IS = ("none", "tis")  # importance sampling against the rollout engine's log-probs
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: one [chunk, V] fp32 buffer = 0.6 GB at V = 151,936
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite; past it a token is clipped or its gradient -A r is ~0
 
@@ -454,6 +462,9 @@ def ih_grpo_loss_from_stats(
     entropy_coef: float = 0.0,
     norm_constant: float | None = None,
     surrogate_on_clipped: bool = False,
+    rollout_logprobs: Tensor | None = None,
+    rollout_is: str = "none",
+    rollout_is_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """IH-GRPO loss from per-token log p(y), log p(E), z_E (all [B, T], differentiable).
 
@@ -469,6 +480,10 @@ def ih_grpo_loss_from_stats(
       dual-clip is active, so clipped tokens get exactly zero gradient, as they would under the
       explicit two-level policy the surrogate emulates. True: SPEC's literal c_t * sg(l_t) there too.
     - dual_clip None disables dual-clip.
+    - rollout_logprobs [B, T]: the rollout engine's log-probs of the sampled tokens. Given, the stats
+      report the mismatch with old (rollout_logp_absdiff = mean |old - rollout|, rollout_ratio_max /
+      _min of exp(old - rollout)); with rollout_is="tis" each token's loss is multiplied by
+      min(exp(old - rollout), rollout_is_cap) (see the module docstring). "none" leaves the loss as is.
     Returns (loss, stats) with stats a dict of python floats; ratio/clip/KL/p_execute stats are token
     means over the mask whatever the aggregation.
     """
@@ -477,7 +492,7 @@ def ih_grpo_loss_from_stats(
         raise ValueError(f"logp must be [B, T], got {list(logp.shape)}")
     for name, t in (("logp_exec", logp_exec), ("z_exec", z_exec), ("labels", labels), ("mask", mask),
                     ("old_logprobs", old_logprobs), ("c_mask", c_mask), ("ref_logprobs", ref_logprobs),
-                    ("entropy", entropy)):
+                    ("entropy", entropy), ("rollout_logprobs", rollout_logprobs)):
         _check_bt(name, t, shape)
     if advantages.dim() not in (1, 2) or tuple(advantages.shape) not in ((shape[0],), shape):
         raise ValueError(f"advantages must be [B] = [{shape[0]}] or [B, T] = {list(shape)}, "
@@ -492,6 +507,12 @@ def ih_grpo_loss_from_stats(
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy (compute_entropy=True)")
+    if rollout_is not in ROLLOUT_IS:
+        raise ValueError(f"rollout_is must be one of {ROLLOUT_IS}, got {rollout_is!r}")
+    if rollout_is == "tis" and rollout_logprobs is None:
+        raise ValueError("rollout_is='tis' needs rollout_logprobs (the generator's log-probs)")
+    if rollout_is == "tis" and not rollout_is_cap > 0:
+        raise ValueError(f"rollout_is_cap must be > 0, got {rollout_is_cap}")
 
     dtype = _compute_dtype(logp.dtype)  # bf16/fp16 stats are upcast like logits are
     logp, logp_exec, z_exec = logp.to(dtype), logp_exec.to(dtype), z_exec.to(dtype)
@@ -512,6 +533,16 @@ def ih_grpo_loss_from_stats(
     if dual_clip is not None:
         # For A < 0, -A r grows without bound in r: cap it at -A * dual_clip (Ye et al. 2020).
         pg_loss = torch.where(adv < 0, torch.minimum(pg_loss, -adv * dual_clip), pg_loss)
+
+    # --- rollout-vs-trainer mismatch: ratio old / rollout; TIS weights each token's loss by it, capped
+    rollout_ratio = is_weight = None
+    if rollout_logprobs is not None:
+        rollout = torch.where(m, rollout_logprobs.detach().to(dtype), old)
+        rollout_log_ratio = (old - rollout).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        rollout_ratio = rollout_log_ratio.exp()
+        if rollout_is == "tis":
+            is_weight = rollout_ratio.clamp(max=rollout_is_cap)
+            pg_loss = pg_loss * is_weight  # before sg(l_t) below, so the surrogate scales with it
 
     with torch.no_grad():
         r = ratio.detach()
@@ -571,6 +602,14 @@ def ih_grpo_loss_from_stats(
             "c_mask_frac": tmean(cm),
             "n_tokens": m.sum().to(dtype),
         }
+        if rollout_ratio is not None:
+            has = m.any()
+            vals["rollout_logp_absdiff"] = tmean(rollout_log_ratio.abs())
+            vals["rollout_ratio_max"] = torch.where(has, torch.where(m, rollout_ratio, -math.inf).amax(), 1.0)
+            vals["rollout_ratio_min"] = torch.where(has, torch.where(m, rollout_ratio, math.inf).amin(), 1.0)
+        if is_weight is not None:
+            vals["rollout_is_weight_mean"] = tmean(is_weight)
+            vals["rollout_is_capped_frac"] = tmean(rollout_ratio > rollout_is_cap)
         if kl_ref is not None:
             vals["kl_ref"] = kl_ref.detach()
         if ent is not None:
@@ -599,6 +638,9 @@ def ih_grpo_loss(
     norm_constant: float | None = None,
     surrogate_on_clipped: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    rollout_logprobs: Tensor | None = None,
+    rollout_is: str = "none",
+    rollout_is_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """IH-GRPO loss from logits [B, T, V] (already temperature-scaled, aligned with labels [B, T]).
 
@@ -626,11 +668,13 @@ def ih_grpo_loss(
         clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation, c_mask=c_mask, kl_coef=kl_coef,
         ref_logprobs=ref_logprobs, entropy=stats.entropy, entropy_coef=entropy_coef,
         norm_constant=norm_constant, surrogate_on_clipped=surrogate_on_clipped,
+        rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_is_cap=rollout_is_cap,
     )
 
 
 __all__ = [
     "AGGREGATIONS",
+    "ROLLOUT_IS",
     "TokenStats",
     "aggregate",
     "chunked_token_stats",

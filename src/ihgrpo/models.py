@@ -11,7 +11,7 @@ import os
 
 from ihgrpo import registry
 
-__all__ = ["ModelLoadError", "load_model_and_tokenizer", "eos_token_ids"]
+__all__ = ["ModelLoadError", "load_model_and_tokenizer", "load_tokenizer_and_generation_config", "eos_token_ids"]
 
 
 class ModelLoadError(ValueError):
@@ -29,9 +29,7 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = os.path.exists(path)
-    if not local and (path.startswith(("/", ".", "~")) or os.sep + os.sep in path or path.count("/") > 1):
-        raise ModelLoadError(f"model path {path!r} does not exist")
+    local = _check_path(path)
     torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     kw = {"trust_remote_code": trust_remote_code}
@@ -41,9 +39,38 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kw)
     except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
-        where = "local directory" if local else "model (not a local directory; the hub is needed)"
-        raise ModelLoadError(f"cannot load {where} {path!r}: {str(exc).splitlines()[0][:200]}") from None
+        raise _load_error(path, local, exc) from None
     return model, tokenizer
+
+
+def load_tokenizer_and_generation_config(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer and generation config of a directory or Hugging Face name, without the weights
+    (for an inference engine that loads them itself). The generation config is None when absent."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    local = _check_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _load_error(path, local, exc) from None
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except Exception:  # none saved: EOS comes from the tokenizer
+        generation_config = None
+    return tokenizer, generation_config
+
+
+def _check_path(path: str) -> bool:
+    """Whether `path` is local; a ModelLoadError for a path-like name that does not exist."""
+    local = os.path.exists(path)
+    if not local and (path.startswith(("/", ".", "~")) or os.sep + os.sep in path or path.count("/") > 1):
+        raise ModelLoadError(f"model path {path!r} does not exist")
+    return local
+
+
+def _load_error(path: str, local: bool, exc: Exception) -> ModelLoadError:
+    where = "local directory" if local else "model (not a local directory; the hub is needed)"
+    return ModelLoadError(f"cannot load {where} {path!r}: {str(exc).splitlines()[0][:200]}")
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

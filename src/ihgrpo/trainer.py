@@ -33,7 +33,7 @@ from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
 from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
-from ihgrpo.rollout.hf import HFGenerator
+from ihgrpo.rollout.backends import make_generator, vllm_options
 from ihgrpo.utils import fsync_dir
 from ihgrpo.vocab import add_protocol_tokens
 
@@ -103,6 +103,7 @@ class TrainBatch:
     mask: torch.Tensor  # [B, L-1] 1 where the label was sampled by the policy (and kept)
     advantages: torch.Tensor  # [B]
     decision: torch.Tensor | None = None  # [B, L-1] the "decision" c-mask
+    rollout_logprobs: torch.Tensor | None = None  # [B, L-1] the generator's log-probs of the labels
 
 
 def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep: list[bool],
@@ -112,17 +113,20 @@ def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep:
     ids = torch.full((B, length), pad_id, dtype=torch.long)
     att = torch.zeros((B, length), dtype=torch.long)
     lmask = torch.zeros((B, length), dtype=torch.float32)
+    rollout_lp = torch.zeros((B, length), dtype=torch.float32)
     for i, t in enumerate(trajs):
         seq = t.prompt_ids + t.response_ids
         ids[i, :len(seq)] = torch.tensor(seq)
         att[i, :len(seq)] = 1
+        p = len(t.prompt_ids)
+        rollout_lp[i, p:p + len(t.response_ids)] = torch.tensor(t.logprobs, dtype=torch.float32)
         if keep[i]:
-            p = len(t.prompt_ids)
             lmask[i, p:p + len(t.response_ids)] = torch.tensor(t.mask, dtype=torch.float32)
     labels = ids[:, 1:].clone()
     mask = lmask[:, 1:]
     decision = decision_c_mask(labels, mask, execute_token_id, fence_close_ids=fence_close_ids)
-    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision)
+    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision,
+                      rollout_lp[:, 1:])
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -163,10 +167,13 @@ class GRPOTrainer:
         self.sampler = PromptSampler(self.examples, cfg.seed, cfg.data.shuffle)
         r = cfg.rollout
         self.rollout_cfg = r.rollout_config()
-        self.pool = r.sandbox_pool()
         eos = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.generator = HFGenerator(model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed)
+        self.generator = make_generator(r.backend, model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed,
+                                        vllm=vllm_options(r, output_dir=cfg.output_dir, dtype=cfg.model.dtype,
+                                                          seed=cfg.seed, rank=self.rank, world=self.world))
+        self.generator.sync_weights(model)  # a backend with its own copy of the weights starts from ours
+        self.pool = r.sandbox_pool()  # after the generator: a backend that cannot start leaves nothing running
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
         self._has_execute_token = self.execute_token_id is not None
@@ -219,6 +226,7 @@ class GRPOTrainer:
             dump_config(cfg, self.out / "config.yaml")
         if cfg.resume:
             self.step = self.load_checkpoint()
+            self.generator.sync_weights(self._model())
         logger = _MetricLogger(self.out, cfg, enabled=self.accelerator.is_main_process, start_step=self.step)
         history = []
         try:
@@ -285,6 +293,7 @@ class GRPOTrainer:
             if not algo.dynamic_sampling:
                 break
         t_rollout = time.perf_counter() - t0
+        self.generator.sleep()  # frees the GPU for the update when the backend has its own engine
         metrics = {f"rollout/{k}": v for k, v in batch_stats(all_trajs).items()}
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
@@ -304,6 +313,9 @@ class GRPOTrainer:
             metrics.update(self._update(kept, kept_adv))
             metrics["no_signal"] = 0.0
         metrics["time_update_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.generator.sync_weights(self._model())  # the next rollout samples from the updated policy
+        metrics["time_sync_weights_s"] = time.perf_counter() - t0
         metrics["time_step_s"] = time.perf_counter() - t_step
         return metrics
 
@@ -336,6 +348,7 @@ class GRPOTrainer:
         order = list(range(len(trajs)))
         mb = o.micro_batch_size
         stats_sum: dict[str, float] = {}
+        extremes: dict[str, float] = {}
         weight_sum = 0.0
         grad_norms = []
         n_updates = o.updates_per_step
@@ -372,13 +385,17 @@ class GRPOTrainer:
                     clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
                     aggregation=algo.aggregation, c_mask=batch.decision if algo.c_mask == "decision" else None,
                     kl_coef=algo.kl_coef, ref_logprobs=ref, entropy=st.entropy, entropy_coef=algo.entropy_coef,
-                    norm_constant=norm_constant)
+                    norm_constant=norm_constant, rollout_logprobs=batch.rollout_logprobs,
+                    rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
                 with self.accelerator.no_sync(self.policy):
                     self.accelerator.backward(loss * w)
                 if not self._has_execute_token:
                     stats.pop("p_execute", None)  # the probability of a token that is not E
                 for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
+                    if k in _EXTREMES:  # the step's most extreme token, not a mean over micro-batches
+                        extremes[k] = _EXTREMES[k](extremes.get(k, v), v)
+                    else:
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
                 weight_sum += w / (self.world * n_updates)
             self._average_gradients()
             if o.grad_clip > 0:
@@ -391,6 +408,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         out = {f"loss/{k}": v / max(weight_sum, 1e-12) for k, v in stats_sum.items()}
+        out.update({f"loss/{k}": v for k, v in extremes.items()})
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -552,6 +570,9 @@ class _MetricLogger:
 
 
 # ----------------------------------------------------------------------------- small helpers
+_EXTREMES = {"rollout_ratio_max": max, "rollout_ratio_min": min}
+
+
 def _share(n: int, world: int, rank: int) -> int:
     if n % world:
         raise ConfigError(f"prompts_per_step ({n}) must be divisible by the number of processes ({world})")
@@ -569,9 +590,8 @@ def _fence_close_ids(tokenizer) -> tuple[int, ...]:
 
 
 def _to(batch: TrainBatch, device) -> TrainBatch:
-    return TrainBatch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
-                        (batch.input_ids, batch.attention_mask, batch.labels, batch.mask, batch.advantages,
-                         batch.decision)))
+    return TrainBatch(**{f.name: x.to(device) if isinstance(x := getattr(batch, f.name), torch.Tensor) else x
+                         for f in dataclasses.fields(batch)})
 
 
 def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:

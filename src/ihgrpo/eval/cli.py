@@ -28,6 +28,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("delayed", "coupled"), default=None,
                         help="delayed (D, default) or coupled (C) code execution")
     parser.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling (default 0.7)")
+    parser.add_argument("--backend", choices=("auto", "hf", "vllm"), default=None,
+                        help="generation: vllm (pip install 'ihgrpo[vllm]'), hf (transformers), or auto "
+                             "(default: vllm when installed and a GPU is present, else hf)")
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="settings file (model, rollout and eval sections, as in training configs); "
                              "the options and key=value settings override it")
@@ -44,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     items = [f"model.path={args.model}"] if getattr(args, "model", None) else []
     items += list(getattr(args, "overrides", None) or [])
     for key, dotted in (("k", "eval.k"), ("limit", "eval.limit"), ("protocol", "rollout.mode"),
-                        ("top_p", "rollout.top_p")):
+                        ("top_p", "rollout.top_p"), ("backend", "rollout.backend")):
         value = getattr(args, key, None)
         if value is not None:
             items.append(f"{dotted}={value}")
@@ -58,9 +61,10 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
     from ihgrpo.models import ModelLoadError
+    from ihgrpo.rollout.vllm import BackendUnavailable
     from ihgrpo.sandbox import SandboxUnavailable
 
-    return (EvalError, ConfigError, DataError, ModelLoadError, SandboxUnavailable)
+    return (EvalError, ConfigError, DataError, ModelLoadError, SandboxUnavailable, BackendUnavailable)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -27,8 +27,8 @@ __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
 # The settings as results.json lists them (bare names, as `ihgrpo eval` takes them).
 _FLAT = ("model", "protocol", "k", "limit", "temperature", "top_p", "top_k", "max_turns", "max_response_tokens",
          "max_tokens_per_turn", "max_context_tokens", "max_observation_tokens", "exec_timeout_s", "batch_size",
-         "seed", "data_dir", "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype", "device",
-         "instruction", "execute_token", "enable_thinking", "viewer_samples")
+         "seed", "data_dir", "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype",
+         "device", "instruction", "execute_token", "enable_thinking", "viewer_samples", "backend")
 
 
 def flat_settings(cfg: EvalConfig) -> dict:
@@ -121,14 +121,23 @@ class _Runner:
                  domains: dict[str, str]):
         import torch
 
+        from ihgrpo import registry
         from ihgrpo.models import eos_token_ids, load_model_and_tokenizer
+        from ihgrpo.rollout.backends import resolve_backend
         from ihgrpo.rollout.hf import HFGenerator
         from ihgrpo.vocab import add_protocol_tokens
 
         self.cfg, self.bcfgs = cfg, bcfgs
         e, m = cfg.eval, cfg.model
+        self.backend = resolve_backend(cfg.rollout.backend)
         device = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        self.generator = self._workdir = None
+        # E must be one token under the delayed protocol: added below where the vocabulary lacks it
+        self._exec_tokens = sorted({c.rollout.execute_token for name, c in bcfgs.items()
+                                    if c.rollout.mode == "delayed" and domains.get(name) == "math"})
+        if self.backend == "vllm" and model is None and registry.lookup("model", m.path) is None:
+            model, tokenizer = self._launch_vllm(dtype, echo)  # vLLM reads the weights itself
         if model is None:
             t0 = time.perf_counter()
             model, tokenizer = load_model_and_tokenizer(m.path, dtype=dtype, trust_remote_code=m.trust_remote_code,
@@ -137,19 +146,61 @@ class _Runner:
                  f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
         elif tokenizer is None:
             raise EvalError("a tokenizer is needed with a model object")
-        for token in sorted({c.rollout.execute_token for name, c in bcfgs.items()
-                             if c.rollout.mode == "delayed" and domains.get(name) == "math"}):
-            add_protocol_tokens(model, tokenizer, token)  # E must be one token: add it where it is missing
+        for token in self._exec_tokens:
+            add_protocol_tokens(model, tokenizer, token)
         self.tokenizer = tokenizer
         self.eos = eos_token_ids(model, tokenizer)
         if not self.eos:
             raise EvalError(f"{m.path}: neither the model nor the tokenizer names an EOS token")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
-        self.generator = HFGenerator(model, tokenizer, device=device, pad_token_id=pad, seed=cfg.seed)
+        if self.backend == "hf":
+            self.generator = HFGenerator(model, tokenizer, device=device, pad_token_id=pad, seed=cfg.seed)
+        elif self.generator is None:  # a model object: an engine on its config, then its weights
+            import tempfile
+
+            from ihgrpo.rollout.vllm import VLLMGenerator
+
+            self._workdir = tempfile.TemporaryDirectory(prefix="ihgrpo-vllm-")
+            self.generator = VLLMGenerator.for_model(model, tokenizer, self._workdir.name, **self._vllm_options(dtype))
+            self.generator.sync_weights(model)
         self.device, self.dtype = device, dtype
         self.pool = None
         self.verifier = None
         self.engines: dict[str, Any] = {}
+
+    def _vllm_options(self, dtype: str) -> dict:
+        from ihgrpo.rollout.vllm import logprobs_mode_for
+
+        r = self.cfg.rollout
+        opts = {"dtype": dtype, "seed": self.cfg.seed, "logprobs_mode": logprobs_mode_for(r.temperature),
+                "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
+                "trust_remote_code": self.cfg.model.trust_remote_code}
+        if r.vllm_max_model_len is not None:
+            opts["max_model_len"] = r.vllm_max_model_len
+        return opts
+
+    def _launch_vllm(self, dtype: str, echo):
+        """A vLLM engine on cfg.model.path; returns (a stand-in carrying the generation config,
+        the tokenizer): only those are loaded here."""
+        import types
+
+        from ihgrpo.models import load_tokenizer_and_generation_config
+        from ihgrpo.rollout.vllm import VLLMGenerator, import_vllm
+        from ihgrpo.vocab import single_token_id
+
+        import_vllm()  # a one-line error naming the extra before anything is loaded
+        path = self.cfg.model.path
+        tokenizer, generation_config = load_tokenizer_and_generation_config(
+            path, trust_remote_code=self.cfg.model.trust_remote_code)
+        missing = [t for t in self._exec_tokens if single_token_id(tokenizer, t) is None]
+        if missing:  # the engine's vocabulary comes from the folder: it cannot grow here
+            raise EvalError(f"{path}: the tokenizer has no {missing[0]!r} token, which the delayed protocol needs, "
+                            f"and the vLLM backend reads the model from the folder as it is; use --backend hf "
+                            f"(the token is added in memory), a checkpoint of `ihgrpo train`, or --protocol coupled")
+        t0 = time.perf_counter()
+        self.generator = VLLMGenerator.launch(path, **self._vllm_options(dtype))
+        echo(f"started vLLM on {path} ({dtype}) in {time.perf_counter() - t0:.1f} s")
+        return types.SimpleNamespace(generation_config=generation_config), tokenizer
 
     def engine(self, bench: Benchmark):
         from ihgrpo.rollout import RolloutEngine
@@ -230,6 +281,8 @@ class _Runner:
             self.pool.close()
         if self.verifier is not None:
             self.verifier.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
 
 
 def _record(bench: Benchmark, traj, fingerprint: str, full_text: str) -> dict:
@@ -350,6 +403,7 @@ def _results(benches: list[Benchmark], ledger: SampleLedger, cfg: EvalConfig, bc
     settings["k"] = {b.name: b.k for b in benches}
     if runner is not None:
         settings["device"], settings["dtype"] = runner.device, runner.dtype
+        settings["backend"] = runner.backend
     res = {"benchmarks": per, "mean_of_benchmarks": sum(avgs) / len(avgs) if avgs else 0.0}
     domains = sorted({b.domain for b in benches})
     if len(domains) > 1:

@@ -19,13 +19,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, build_prompt, coupled_block_end,
-                             extract_boxed, format_observation, is_void, next_action,
-                             pending_blocks)
+from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, answer_before_execute, build_prompt,
+                             coupled_block_end, extract_boxed, format_observation, is_void,
+                             next_action, pending_blocks)
 
 from .generator import GenerationOutput, Generator, SamplingParams, derive_seed
 
-CODE_FENCE_STOP = "```\n"  # coupled protocol: a fence line closed; the protocol decides if it was python
+# Coupled protocol: a fence line ended; the protocol decides whether it closed a python block.
+# Literal strings (any backend can stop on them) for the usual endings, a few trailing spaces or
+# a tab or CRLF included; a longer run is caught after the fact (RolloutEngine._block_cut).
+CODE_FENCE_STOPS = ("```\n", "``` \n", "```  \n", "```   \n", "```\t\n", "```\r\n", "``` \r\n")
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Trajectory:
     mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: observation
     logprobs: list[float] = field(default_factory=list)  # 0.0 where mask is 0
     turns: list[TurnRecord] = field(default_factory=list)
-    finished: bool = False  # the model stopped (EOS) or the turn cap was reached
+    finished: bool = False  # the model stopped (EOS, or E right after a final \boxed) or the turn cap was reached
     truncated: bool = False  # a token budget ran out
     void: bool = False  # stopped by EOS with no \boxed answer
     answer: str | None = None
@@ -236,7 +239,7 @@ class RolloutEngine:
         coupled = Mode(cfg.mode) is Mode.COUPLED
         stop_ids = tuple(dict.fromkeys((*params.stop_token_ids, *self.chat.eos_token_ids,
                                         *(() if coupled else (self.chat.execute_token_id,)))))
-        stop_strings = tuple(dict.fromkeys((*params.stop_strings, *((CODE_FENCE_STOP,) if coupled else ()))))
+        stop_strings = tuple(dict.fromkeys((*params.stop_strings, *(CODE_FENCE_STOPS if coupled else ()))))
         turn_params = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                      max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
                                      stop_strings=stop_strings, seed=params.seed)
@@ -310,23 +313,26 @@ class RolloutEngine:
                     partial: dict, coupled: bool):
         """Appends a turn's tokens; returns (code, record) to execute, "continue", or None."""
         cfg = self.config
-        ids = list(out.token_ids)
-        if len(ids) != len(out.logprobs):
-            raise ValueError(f"generator returned {len(ids)} ids but {len(out.logprobs)} log-probs")
-        traj.response_ids += ids
-        traj.mask += [1] * len(ids)
-        traj.logprobs += [float(x) for x in out.logprobs]
+        ids, logprobs = list(out.token_ids), [float(x) for x in out.logprobs]
+        if len(ids) != len(logprobs):
+            raise ValueError(f"generator returned {len(ids)} ids but {len(logprobs)} log-probs")
         # A coupled turn may be continued after a non-python fence: it is still one turn.
         prev_ids = partial.pop(traj.uid, [])
+        cut = self._block_cut(window[traj.uid], prev_ids, ids) if coupled else None
+        if cut is not None:  # what was generated after the block's fence line is dropped, unseen
+            ids, logprobs = ids[:cut], logprobs[:cut]
+        traj.response_ids += ids
+        traj.mask += [1] * len(ids)
+        traj.logprobs += logprobs
         turn_ids = prev_ids + ids
         text = self.chat.model_text(turn_ids)
         last = ids[-1] if ids else None
-        if out.finish_reason == "stop_token" and last == self.chat.execute_token_id:
+        if cut is not None:
+            end = TurnEnd.CODE_BLOCK
+        elif out.finish_reason == "stop_token" and last == self.chat.execute_token_id:
             end = TurnEnd.EXECUTE
         elif out.finish_reason == "stop_token" and last in self.chat.eos_token_ids:
             end = TurnEnd.EOS
-        elif out.finish_reason == "stop_string" and coupled and coupled_block_end(window[traj.uid] + text) is not None:
-            end = TurnEnd.CODE_BLOCK
         elif out.finish_reason == "stop_string" and coupled and self._room(traj) > 0 \
                 and len(turn_ids) < (cfg.max_tokens_per_turn or cfg.max_response_tokens):
             partial[traj.uid] = turn_ids  # a non-python fence closed: keep generating this turn
@@ -346,9 +352,15 @@ class RolloutEngine:
         if action == "stop":
             traj.finished = True
             return None
-        blocks = pending_blocks(window[traj.uid], execute_token=self.chat.execute_token)
-        window[traj.uid] = ""
+        window_text, window[traj.uid] = window[traj.uid], ""
+        blocks = pending_blocks(window_text, execute_token=self.chat.execute_token)
         record.blocks_run = len(blocks)
+        if not blocks and end is TurnEnd.EXECUTE and answer_before_execute(
+                window_text, execute_token=self.chat.execute_token) is not None:
+            # "... \boxed{42}" then E: E was used as a stop. The trajectory ends here like at EOS
+            # (E keeps mask 1 and its log-prob; no observation; rewarded on that answer).
+            traj.finished = True
+            return None
         if not blocks:  # E with nothing pending: say so, run nothing
             self._observe(traj, record, None)
             return "continue" if not traj.done else None
@@ -363,6 +375,27 @@ class RolloutEngine:
         if cfg.max_context_tokens is not None:
             room = min(room, cfg.max_context_tokens - len(traj.prompt_ids) - len(traj.response_ids))
         return room
+
+    def _block_cut(self, window_text: str, prev_ids: list[int], ids: list[int]) -> int | None:
+        """Coupled protocol: how many of the new `ids` the turn keeps when a python block closed in
+        it (up to the token that ends the closing fence's line), else None. Tokens past that point
+        were sampled after the block should have run (stop strings cover only the usual fence
+        endings), so they are dropped: what is kept is exactly what a stop there would have given."""
+        turn = prev_ids + ids
+        end = coupled_block_end(window_text + self.chat.model_text(turn))
+        if end is None:
+            return None
+        end -= len(window_text)
+        if len(self.chat.decode(turn[:-1])) < end:
+            return len(ids)  # the usual case: the last token completed the fence line
+        lo, hi = len(prev_ids) + 1, len(turn) - 1  # the fewest tokens whose text reaches that end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.chat.decode(turn[:mid])) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo - len(prev_ids)
 
     def _observe(self, traj: Trajectory, record: TurnRecord, result) -> None:
         cfg = self.config

@@ -1,8 +1,12 @@
 """The narrow interface between the rollout engine and a token generator.
 
 Prefix token ids in; continuation ids and their log-probs out. Backends: Hugging Face
-transformers (`HFGenerator`), a scripted player for tests (`ScriptedGenerator`); the interface
-is kept small enough for a vLLM backend.
+transformers (`HFGenerator`), vLLM (`VLLMGenerator`, an optional extra), a scripted player for
+tests (`ScriptedGenerator`).
+
+A backend with its own copy of the weights (vLLM) is told about every optimizer step through
+`sync_weights(model)`, and may free its accelerator memory while the trainer uses it (`sleep`; it
+wakes by itself on the next `generate`). Backends that run the trainer's module itself need neither.
 """
 
 from __future__ import annotations
@@ -64,6 +68,12 @@ class Generator(abc.ABC):
         seeds[i] alone: its tokens do not depend on the other rows of the batch, on the batch
         size or on earlier calls (up to floating-point noise of differently shaped batches).
         Without `seeds`, rows share the stream of params.seed (or the generator's own)."""
+
+    def sync_weights(self, model) -> None:  # noqa: B027 - a no-op unless the backend copies the weights
+        """Sample from `model`'s current weights from now on (called after every optimizer step)."""
+
+    def sleep(self) -> None:  # noqa: B027
+        """Free accelerator memory for training; the next `generate` wakes the backend up."""
 
 
 def derive_seed(key: int, n: int) -> int:
