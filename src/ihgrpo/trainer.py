@@ -35,7 +35,7 @@ from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenize
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.backends import make_generator, vllm_options
 from ihgrpo.utils import fsync_dir
-from ihgrpo.vocab import add_protocol_tokens
+from ihgrpo.vocab import add_protocol_tokens, single_token_id
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,10 @@ class GRPOTrainer:
             model.gradient_checkpointing_enable()
         if cfg.rollout.mode == "delayed":  # E must be one token: add it to a vocabulary without it
             add_protocol_tokens(model, tokenizer, cfg.rollout.execute_token)
+        elif cfg.algo.lam != 0 and single_token_id(tokenizer, cfg.rollout.execute_token) is None:
+            raise ConfigError(f"algo.lam: the IH surrogate reads the probability of the execute token, and the "
+                              f"tokenizer has no {cfg.rollout.execute_token!r} token (the coupled protocol adds "
+                              f"none); set algo.lam=0 (GRPO-C) or use rollout.mode=delayed")
         self.tokenizer = tokenizer
         self.examples = examples if examples is not None else load_examples(
             cfg.data.train, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
@@ -177,11 +181,7 @@ class GRPOTrainer:
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
         self._has_execute_token = self.execute_token_id is not None
-        if not self._has_execute_token:  # the coupled protocol on a vocabulary without E
-            if cfg.algo.lam != 0:
-                raise ConfigError(f"algo.lam: the IH surrogate reads the probability of the execute token, and the "
-                                  f"tokenizer has no {r.execute_token!r} token (the coupled protocol adds none); "
-                                  f"set algo.lam=0 (GRPO-C) or use rollout.mode=delayed")
+        if not self._has_execute_token:  # the coupled protocol on a vocabulary without E (lam = 0)
             self.execute_token_id = 0  # any id: with lam = 0 the loss never uses it
         self.fence_close_ids = _fence_close_ids(tokenizer)
 

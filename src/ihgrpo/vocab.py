@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ihgrpo.protocol import EXECUTE_TOKEN
 
 __all__ = ["OBSERVATION_END", "single_token_id", "add_protocol_tokens"]
@@ -42,6 +40,7 @@ def single_token_id(tokenizer, text: str) -> int | None:
 def add_protocol_tokens(model, tokenizer, execute_token: str = EXECUTE_TOKEN) -> list[str]:
     """Adds ``execute_token`` and ``</tool_call>`` where the tokenizer lacks them, in place, and
     resizes and initialises the model's embeddings; returns the tokens added (warns when any)."""
+    import torch
     from tokenizers import AddedToken
 
     missing = [t for t in dict.fromkeys((execute_token, OBSERVATION_END)) if single_token_id(tokenizer, t) is None]

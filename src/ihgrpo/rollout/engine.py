@@ -22,6 +22,7 @@ from typing import Any
 from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, answer_before_execute, build_prompt,
                              coupled_block_end, extract_boxed, format_observation, is_void,
                              next_action, pending_blocks)
+from ihgrpo.vocab import single_token_id
 
 from .generator import GenerationOutput, Generator, SamplingParams, derive_seed
 
@@ -130,14 +131,12 @@ class ChatFormat:
                  eos_token_ids: list[int] | None = None, require_execute_token: bool = True):
         self.tokenizer = tokenizer
         self.enable_thinking = enable_thinking
-        ids = tokenizer.encode(execute_token, add_special_tokens=False)
-        single = len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None)
-        if not single and require_execute_token:
-            raise ValueError(f"the execute token {execute_token!r} must be one token of the "
-                             f"vocabulary; the tokenizer splits it into {ids} (training and `ihgrpo eval` "
-                             f"add it: ihgrpo.vocab.add_protocol_tokens)")
         self.execute_token = execute_token
-        self.execute_token_id = ids[0] if single else None
+        self.execute_token_id = single_token_id(tokenizer, execute_token)
+        if self.execute_token_id is None and require_execute_token:
+            raise ValueError(f"the execute token {execute_token!r} must be one token of the vocabulary; the "
+                             f"tokenizer splits it into {tokenizer.encode(execute_token, add_special_tokens=False)} "
+                             f"(training and `ihgrpo eval` add it: ihgrpo.vocab.add_protocol_tokens)")
         eos = list(eos_token_ids or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
