@@ -75,6 +75,7 @@ def test_overrides_and_round_trip(tmp_path):
     (["rollout.mode=eager"], "rollout.mode: must be one of"),
     (["resume=maybe"], "resume: expected true or false"),
     (["rollout.group_size=1"], "group_size"),
+    (["rollout.max_batch_rows=0"], "rollout.max_batch_rows: must be >= 1"),
     (["novalue"], "key=value"),
     (["algo=3"], "algo: expected a mapping"),
 ])

@@ -375,6 +375,95 @@ def test_resume_after_interruption_equals_a_fresh_run(tiny, tmp_path, math_jsonl
         run_eval(hot, out, benchmarks=specs, model=model, tokenizer=tok, echo=quiet)
 
 
+def test_max_response_tokens_option_sets_the_response_budget():
+    parser = argparse.ArgumentParser()
+    ev.add_eval_arguments(parser)
+    argv = ["--model", "m", "--benchmark", "aime24", "--out", "o", "--max-response-tokens", "300"]
+    c = ev.config_from_args(parser.parse_args(argv + ["max_response_tokens=5000", "max_turns=3"]))
+    r = c.rollout
+    assert r.max_response_tokens == 300 and r.max_turns == 3  # the option wins over key=value
+    assert r.max_tokens_per_turn is None and r.sampling_params().max_new_tokens == 300  # it bounds each turn
+    assert r.rollout_config().max_response_tokens == 300
+    assert ev.config_from_args(parser.parse_args(argv[:-2])).rollout.max_response_tokens == 8000
+    # over a benchmark's own budgets (the demo: 512 in all, 256 a turn) too
+    demo = ev.bench_config(ev.config_from_args(parser.parse_args(argv[:-1] + ["100"])),
+                           ev.Benchmark("demo", [], "demo", defaults={"rollout.max_response_tokens": 512,
+                                                                      "rollout.max_tokens_per_turn": 256}))
+    assert (demo.rollout.max_response_tokens, demo.rollout.max_tokens_per_turn) == (100, 256)
+    with pytest.raises(ConfigError, match="max_response_tokens: must be >= 1"):
+        ev.config_from_args(parser.parse_args(argv[:-1] + ["0"]))
+
+
+def test_progress_plain_line_every_10_s():
+    import io
+
+    from ihgrpo.eval.progress import EvalProgress
+    from ihgrpo.rollout.generator import GenerateProgress
+
+    now = [100.0]
+    out = io.StringIO()
+    p = EvalProgress(48, stream=out, clock=lambda: now[0])
+    assert p._bar is None  # not a terminal: plain lines
+    p.start_batch("aime24")
+
+    def step(dt, tokens, finished, step, rows=32):
+        now[0] += dt
+        p.on_generate(GenerateProgress(new_tokens=tokens, tokens=0, finished=finished, rows=rows, step=step,
+                                       max_steps=8000))
+
+    step(4.0, 800, 0, 25)
+    assert out.getvalue() == ""  # less than 10 s since the last line
+    step(6.5, 1200, 3, 60)
+    assert out.getvalue() == ("eval: 0/48 samples · aime24 · 2,000 tokens · 190 tok/s · 29/32 rows (step 60/8000)"
+                              " · 0:10 elapsed · ETA ?\n")
+    step(9.0, 100, 5, 70)
+    assert out.getvalue().count("\n") == 1
+    now[0] += 230.5
+    p.batch_done(32)
+    last = out.getvalue().splitlines()[-1]
+    assert last == "eval: 32/48 samples · aime24 · 2,100 tokens · 8 tok/s · 4:10 elapsed · ETA 2:05"
+    p.close()
+
+
+def test_progress_shows_within_a_batch(tiny, tmp_path, math_jsonl, monkeypatch, capsys):
+    """The display moves while a batch is generated, and counts every model token."""
+    import re
+
+    from ihgrpo.eval import progress
+
+    path, model, tok = tiny
+    from ihgrpo.rollout.hf import HFGenerator
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    monkeypatch.setattr(HFGenerator, "progress_every", 2)
+    settings = load_eval_config(None, [f"model={path}", *FAST, "batch_size=4", "k=2"])
+    before_first_batch = []
+
+    class Stop(Exception):
+        pass
+
+    def first(bench, records):
+        before_first_batch.append(capsys.readouterr().err)
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_eval(settings, tmp_path / "o", benchmarks=[f"arith={math_jsonl}"], model=model, tokenizer=tok,
+                 on_batch=first, echo=lambda m: None)
+    lines = before_first_batch[0].splitlines()
+    pattern = (r"eval: (\d+)/6 samples · arith · ([\d,]+) tokens · (?:[\d,]+|-) tok/s"
+               r"(?: · (\d+)/(\d+) rows \(step (\d+)/(\d+)\))? · \d+:\d\d elapsed · ETA (\S+)")
+    parsed = [re.fullmatch(pattern, line) for line in lines]
+    assert all(parsed), lines
+    during = [m for m in parsed if m.group(1) == "0" and m.group(3)]
+    assert len(during) >= 2 and all(m.group(7) == "?" for m in during)  # within the batch, before it is done
+    tokens = [int(m.group(2).replace(",", "")) for m in parsed]
+    assert tokens == sorted(tokens)
+    done = [m for m in parsed if m.group(1) == "4"]
+    recs = read_ledger(tmp_path / "o")
+    assert len(recs) == 4 and done and int(done[-1].group(2).replace(",", "")) == sum(
+        r["stats"]["response_tokens"] for r in recs)
+
+
 def test_ledger_drops_partial_and_duplicate_lines(tmp_path):
     path = tmp_path / "samples.jsonl"
     ledger = SampleLedger(path)

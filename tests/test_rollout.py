@@ -421,3 +421,48 @@ def test_seeded_trajectories_get_their_own_seed_per_generation_call(tok, pool):
     assert gen2.seeds == [None, None]
     with pytest.raises(ValueError, match="seeds has 1 entries for 2 prefixes"):
         gen2.generate([[1], [2]], PARAMS, request_ids=["a", "b"], seeds=[5])
+
+
+def test_max_batch_rows_chunks_generation_without_changing_seeded_samples(tok, pool):
+    """rollout.max_batch_rows bounds the rows of one generate call (the KV cache of a lock-step
+    batch); every trajectory is still rolled out, and with a seed each row samples from its own
+    stream, so the chunked run equals the one-call-per-round run token for token."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ihgrpo.rollout import HFGenerator
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
+    model = Qwen3ForCausalLM(cfg).eval()
+    boost = torch.zeros(151936)
+    boost[E] = 11.0  # turns end at E at different lengths: rounds with fewer and fewer live rows
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+
+    class Recording(HFGenerator):
+        def generate(self, prefixes, *a, **k):
+            self.calls.append(len(prefixes))
+            return super().generate(prefixes, *a, **k)
+
+    def run(max_rows):
+        gen = Recording(model, tok, seed=0)
+        gen.calls = []
+        engine = RolloutEngine(gen, tok, pool, RolloutConfig(max_turns=3, max_response_tokens=60,
+                                                             max_tokens_per_turn=16, max_batch_rows=max_rows))
+        trajs = engine.rollout(["What is 2 + 2?", "What is 3 * 5?", "Name a prime."], 3,
+                               SamplingParams(temperature=1.0, seed=5))
+        return trajs, gen.calls
+
+    one_call, calls_one = run(9)  # all 9 trajectories fit one call: one call per round
+    chunked, calls_chunked = run(2)
+    assert max(calls_one) == 9 and max(calls_chunked) == 2
+    assert sum(calls_chunked) == sum(calls_one)  # the same rows, in more calls
+    assert len(calls_chunked) > len(calls_one)
+    assert [t.response_ids for t in chunked] == [t.response_ids for t in one_call]
+    assert [t.mask for t in chunked] == [t.mask for t in one_call]
+    for a, b in zip(chunked, one_call):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert len({tuple(t.response_ids) for t in chunked}) == 9  # rows do not share a stream
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        RolloutConfig(max_batch_rows=0)

@@ -73,6 +73,9 @@ class RolloutSection:
     sandbox_memory_mb: int = 1024
     sandbox_isolation: Literal["auto", "bwrap", "none"] = "auto"
     straggler_wait_s: float | None = None  # None: deterministic rounds (see RolloutConfig)
+    # Rows (trajectories) per generate call: bounds the rollout's KV cache (rows x tokens); a step
+    # still rolls out every trajectory, in chunks. None: all of a round's live trajectories at once.
+    max_batch_rows: int | None = None
     # hf: the trainer's module; vllm: a vLLM engine (pip install 'ihgrpo[vllm]'); auto: vllm when it is
     # installed and a GPU is present, else hf
     backend: Literal["hf", "vllm", "auto"] = "hf"
@@ -90,7 +93,8 @@ class RolloutSection:
             max_tokens_per_turn=self.max_tokens_per_turn, max_observation_tokens=self.max_observation_tokens,
             max_context_tokens=self.max_context_tokens,
             exec_timeout_s=self.exec_timeout_s, straggler_wait_s=self.straggler_wait_s,
-            execute_token=self.execute_token, instruction=self.instruction, enable_thinking=self.enable_thinking)
+            execute_token=self.execute_token, instruction=self.instruction, enable_thinking=self.enable_thinking,
+            max_batch_rows=self.max_batch_rows)
 
     def sampling_params(self, **changes):
         """SamplingParams of one turn (temperature, top_p, top_k, the per-turn budget) with ``changes``."""
@@ -169,6 +173,8 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+    # Before the first step, refuse (exit 2) when the memory estimate exceeds the GPU's free memory.
+    check_memory: bool = True
 
 
 @dataclass
@@ -383,6 +389,8 @@ def _rollout_checks(r: RolloutSection) -> list[tuple[bool, str]]:
          f"rollout.max_observation_tokens: must be >= 1, got {r.max_observation_tokens}"),
         (r.exec_timeout_s > 0, f"rollout.exec_timeout_s: must be > 0, got {r.exec_timeout_s}"),
         (r.sandbox_workers >= 1, f"rollout.sandbox_workers: must be >= 1, got {r.sandbox_workers}"),
+        (r.max_batch_rows is None or r.max_batch_rows >= 1,
+         f"rollout.max_batch_rows: must be >= 1 (or none), got {r.max_batch_rows}"),
         (0 < r.vllm_gpu_memory_utilization <= 1,
          f"rollout.vllm_gpu_memory_utilization: must be in (0, 1], got {r.vllm_gpu_memory_utilization}"),
         (r.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level: must be 0, 1 or 2, got {r.vllm_sleep_level}"),

@@ -32,6 +32,7 @@ from ihgrpo.config import ConfigError, TrainConfig, dump_config
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
 from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
+from ihgrpo.precision import precision_policy
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.backends import make_generator, vllm_options
 from ihgrpo.utils import fsync_dir
@@ -145,14 +146,14 @@ class GRPOTrainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
+        self.precision = precision_policy(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       mixed_precision="bf16" if torch.cuda.is_available()
-                                       and cfg.model.dtype in ("auto", "bfloat16") else "no")
+                                       mixed_precision=self.precision.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(cfg.seed + self.rank)
         if model is None:  # a registered name (e.g. the demo's SFT start), a directory or a hub name
             model, tokenizer = load_model_and_tokenizer(
-                cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                cfg.model.path, dtype=self.precision.weights_name,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
         if tokenizer is None:
             raise ConfigError("a tokenizer is required with a model object")
@@ -184,6 +185,11 @@ class GRPOTrainer:
         if not self._has_execute_token:  # the coupled protocol on a vocabulary without E (lam = 0)
             self.execute_token_id = 0  # any id: with lam = 0 the loss never uses it
         self.fence_close_ids = _fence_close_ids(tokenizer)
+        try:  # before the model goes to the GPU: refuse a run that cannot fit
+            self._check_memory(model)
+        except ConfigError:
+            self.pool.close()
+            raise
 
         self.policy = PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size, r.temperature)
         o = cfg.optim
@@ -195,8 +201,14 @@ class GRPOTrainer:
         warm = o.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.policy, self.optimizer, self.scheduler)
+        # The scheduler is not prepared: accelerate's wrapper steps it once per process per call
+        # (warm-up N times too fast on N processes). It steps once per RL step, on every rank.
+        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        if isinstance(self.policy, nn.parallel.DistributedDataParallel):
+            # No buffer broadcast in DDP's forward (its first one, under no_sync): a collective that a
+            # rank without micro-batches (dynamic sampling kept no group there) never joins, a hang.
+            # The buffers (RoPE frequencies) are equal on all ranks, synced once at wrapping.
+            self.policy.broadcast_buffers = False
         self.reference = None
         if cfg.algo.kl_coef > 0:  # a frozen copy, only when the KL term is used
             import copy
@@ -210,6 +222,29 @@ class GRPOTrainer:
         self.eval_fn, self.eval_every = eval_fn, eval_every
 
     # ------------------------------------------------------------------ helpers
+    def _check_memory(self, model: nn.Module) -> None:
+        """Log the per-GPU memory estimate; refuse (ConfigError) when it exceeds the GPU's free memory."""
+        from ihgrpo.memory import gpu_memory, training_estimate
+        from ihgrpo.rollout.backends import resolve_backend
+
+        r = self.cfg.rollout
+        backend = resolve_backend(r.backend)
+        prompt_tokens = max(len(self.engine.prompt_ids(e.question)) for e in self.examples[:256])
+        est = training_estimate(self.cfg, model, precision=self.precision, processes=self.world,
+                                prompt_tokens=prompt_tokens, backend=backend)
+        if self.accelerator.is_main_process:
+            log.info("%s", est.summary())
+        mem = gpu_memory(self.accelerator.device)
+        if mem is not None and self.cfg.check_memory:
+            # A vLLM engine (started already) holds its share; asleep during the update, it gives it back.
+            headroom = int(r.vllm_gpu_memory_utilization * mem[1]) if backend == "vllm" and r.vllm_sleep_level else 0
+            est.check(mem[0], str(self.accelerator.device), update_headroom=headroom)
+
+    def _autocast(self):
+        """The precision policy's autocast (bf16 on a GPU under model.dtype auto), for every forward
+        pass: the rollout's too, so keys/values are computed in the compute dtype."""
+        return self.precision.context(self.accelerator.device.type)
+
     def _model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.policy).model
 
@@ -255,25 +290,29 @@ class GRPOTrainer:
         t_step = time.perf_counter()
         gen_seed = (cfg.seed * 1_000_003 + step) * 64 + self.rank
         params = cfg.rollout.sampling_params()
-        G = cfg.rollout.group_size
-        # Each process rolls out its share of the prompts; groups never straddle processes.
-        want = _share(cfg.prompts_per_step, self.world, self.rank)
-        budget = max(want, math.ceil(cfg.prompts_per_step * algo.oversample / self.world))
+        G, P = cfg.rollout.group_size, cfg.prompts_per_step
+        # Each process rolls out its share of the prompts; groups never straddle processes. Every
+        # round, all processes take one block of prompts of the same size, decided from the groups
+        # kept on all of them: no prompt is rolled out twice and the sampler stays in step everywhere.
+        want = _share(P, self.world, self.rank)
+        budget = self.world * max(want, math.ceil(P * algo.oversample / self.world))  # prompts, all ranks
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
         kept_adv: list[float] = []
-        rolled = dropped_truncated = 0
+        rolled = 0  # prompts rolled out this step, all ranks
+        dropped_truncated = 0  # groups with fewer than min_valid non-truncated rollouts, this rank
+        kept_per_rank = [0] * self.world  # groups with signal, per rank
         t0 = time.perf_counter()
         self._model().eval()
         chunk = 0
-        while len(kept) < want * G and rolled < budget:
-            n = min(want - len(kept) // G, budget - rolled) if algo.dynamic_sampling else want
+        while sum(kept_per_rank) < P and rolled < budget:
+            n = math.ceil(min(P - sum(kept_per_rank), budget - rolled) / self.world)
             examples = self._take_prompts(n)
-            rolled += n
+            rolled += n * self.world
             # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
             chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
             chunk += 1
-            with _autocast(self.accelerator):
+            with self._autocast():
                 trajs = self.engine.rollout([e.question for e in examples], G, chunk_params)
             rewards = self.reward_fn([t.answer for t in trajs], [examples[t.prompt_index].answer for t in trajs])
             for t, rew in zip(trajs, rewards):
@@ -287,22 +326,25 @@ class GRPOTrainer:
                     continue
                 if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
                     continue
-                if len(kept) < want * G:
-                    kept += group
-                    kept_adv += adv[g:g + G]
+                kept += group
+                kept_adv += adv[g:g + G]
+            kept_per_rank = self._gather_counts(len(kept) // G)
             if not algo.dynamic_sampling:
                 break
+        # Exactly P groups in all: the first ones, in rank order.
+        mine = max(0, min(kept_per_rank[self.rank], P - sum(kept_per_rank[:self.rank])))
+        kept, kept_adv = kept[:mine * G], kept_adv[:mine * G]
+        n_kept = min(P, sum(kept_per_rank))
         t_rollout = time.perf_counter() - t0
         self.generator.sleep()  # frees the GPU for the update when the backend has its own engine
         metrics = {f"rollout/{k}": v for k, v in batch_stats(all_trajs).items()}
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
-        metrics.update({"groups_rolled": rolled, "groups_kept": len(kept) // G,
-                        "groups_dropped_truncated": dropped_truncated,
+        metrics.update({"groups_rolled": rolled, "groups_kept": n_kept,
+                        "groups_dropped_truncated": sum(self._gather_counts(dropped_truncated)),
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()
-        n_kept = self._sum_across([len(kept)])[0]
         if n_kept == 0:
             # No group carries signal (every reward equal): say so instead of looping forever.
             log.warning("step %d: no group had differing rewards%s after rolling out %d prompts; "
@@ -324,6 +366,10 @@ class GRPOTrainer:
         # position is the same on all ranks (and in a checkpoint).
         block = self.sampler.take(n * self.world)
         return block[self.rank * n:(self.rank + 1) * n]
+
+    def _gather_counts(self, count: int) -> list[int]:
+        """Every rank's `count`, in rank order (the same list on all ranks)."""
+        return [int(c) for c in self._sum_across([count if r == self.rank else 0 for r in range(self.world)])]
 
     def _sum_across(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
@@ -374,10 +420,11 @@ class GRPOTrainer:
                 # Ranks may hold different numbers of micro-batches (dynamic sampling keeps what
                 # has signal), so DDP's per-backward all-reduce could deadlock: gradients are
                 # accumulated locally and averaged once per update below.
-                with _autocast(self.accelerator), self.accelerator.no_sync(self.policy):
+                with self._autocast(), self.accelerator.no_sync(self.policy):
                     st = self.policy(batch.input_ids, batch.attention_mask, batch.labels,
                                      compute_entropy=algo.entropy_coef > 0)
-                ref = self._ref_logprobs(batch) if self.reference is not None else None
+                with self._autocast():  # the reference in the policy's numerics
+                    ref = self._ref_logprobs(batch) if self.reference is not None else None
                 old_lp = None if old is None else _pad_old([old[i] for i in micro], batch.mask.shape).to(batch.mask.device)
                 loss, stats = ih_grpo_loss_from_stats(
                     st.logp, st.logp_exec, st.z_exec, batch.labels, batch.advantages, batch.mask,
@@ -435,7 +482,7 @@ class GRPOTrainer:
             micro = list(range(s, min(s + self.cfg.optim.micro_batch_size, len(trajs))))
             batch = _to(collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
                                 [keep[i] for i in micro], self.execute_token_id), self.accelerator.device)
-            with _autocast(self.accelerator):
+            with self._autocast():
                 st = self.policy(batch.input_ids, batch.attention_mask, batch.labels)
             out += [row.detach().float().cpu() for row in st.logp]
         return out
@@ -448,8 +495,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """model/, optimizer, scheduler, RNG states and data position, written atomically."""
+        """model/, optimizer, scheduler, RNG states (every rank's) and data position, written atomically."""
         self.accelerator.wait_for_everyone()
+        rng = [_rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
@@ -462,7 +514,7 @@ class GRPOTrainer:
         self.tokenizer.save_pretrained(tmp / "model")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": _rng_state()}
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng[0], "rng_per_rank": rng}
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -493,7 +545,8 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
         state = json.loads((ck / "state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        _set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return int(state["step"])
 
@@ -600,14 +653,6 @@ def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
         n = min(len(r), shape[1])
         out[i, :n] = r[:n]
     return out
-
-
-def _autocast(accelerator):
-    import contextlib
-
-    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:

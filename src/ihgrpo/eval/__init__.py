@@ -1,7 +1,8 @@
 r"""Benchmark evaluation: ``ihgrpo eval`` (SPEC sections 5 and 6).
 
     ihgrpo eval --model PATH --benchmark SPEC [--benchmark SPEC ...] [--k N] [--limit N]
-                [--protocol delayed|coupled] [--top-p P] [--config YAML] --out DIR [key=value ...]
+                [--protocol delayed|coupled] [--top-p P] [--max-response-tokens N] [--config YAML]
+                --out DIR [key=value ...]
 
 ``PATH`` is a local model directory, a Hugging Face name or a registered model name; the
 tokenizer comes from the same place. Any causal LM: under the delayed protocol, a vocabulary
@@ -12,7 +13,8 @@ the options).
 
 Layout: :mod:`.benchmarks` (what a SPEC names), :mod:`.choice` (multiple choice), :mod:`.metrics`
 (avg@k, pass@k, ...), :mod:`.ledger` (samples.jsonl), :mod:`.runner` (generation and scoring;
-the only module that needs torch), :mod:`.report` (results.md, chart, viewer), :mod:`.cli`.
+the only module that needs torch), :mod:`.progress` (the display while it runs), :mod:`.report`
+(results.md, chart, viewer), :mod:`.cli`.
 
 Benchmarks (``SPEC``)
 ---------------------
@@ -62,6 +64,27 @@ The defaults are the paper's evaluation: temperature 1.0, top_p 0.7 (the release
 value; its evaluation silently used 1.0, a defect: here the configured top_p reaches the
 sampler), 5 turns, 8,000 response tokens, observations capped at 256 tokens; k = 8 for
 math500 and olympiad, 32 for aime24, aime25, amc23 and hmmt25, 8 for any other benchmark.
+
+Token budgets
+-------------
+``max_response_tokens`` (``--max-response-tokens N``; default 8,000, the ``demo`` benchmark 512)
+is a sample's whole budget after its prompt: the model's tokens of every turn plus the
+observations. ``max_tokens_per_turn`` (default none) caps one turn (one generation call); a turn
+gets the smaller of it and what is left of ``max_response_tokens``, so ``--max-response-tokens
+N`` alone also bounds every turn by N. (The paper's setting is up to 8,000 tokens per turn
+within a 16,000-token context, prompt included: ``max_tokens_per_turn=8000`` with
+``max_response_tokens`` about 16,000 minus the prompt.) A sample that runs out of budget is
+truncated (``truncated_fraction``).
+
+Progress
+--------
+While batches are generated, the progress goes to stderr: samples done / to do (a sample counts
+once its batch is in the ledger), tokens generated and tokens/s, the rows still generating in the
+current generation call and its decode step (so it moves within a batch), the elapsed time and
+an ETA from the samples done so far. A live ``rich`` bar when stderr is a terminal, else a plain
+line at most every 10 s::
+
+    eval: 32/48 samples · aime24 · 51,200 tokens · 212 tok/s · 7/16 rows (step 1840/8000) · 4:01 elapsed · ETA 2:00
 
 Outputs in ``DIR``
 ------------------

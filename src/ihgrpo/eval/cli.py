@@ -31,6 +31,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "hf", "vllm"), default=None,
                         help="generation: vllm (pip install 'ihgrpo[vllm]'), hf (transformers), or auto "
                              "(default: vllm when installed and a GPU is present, else hf)")
+    parser.add_argument("--max-response-tokens", dest="max_response_tokens", type=int, default=None, metavar="N",
+                        help="the token budget of a sample after its prompt: model tokens and observations, all "
+                             "turns (rollout.max_response_tokens, default 8000). It bounds every turn too: a turn "
+                             "gets max_tokens_per_turn (default none) or what is left of N, whichever is smaller")
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="settings file (model, rollout and eval sections, as in training configs); "
                              "the options and key=value settings override it")
@@ -47,7 +51,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     items = [f"model.path={args.model}"] if getattr(args, "model", None) else []
     items += list(getattr(args, "overrides", None) or [])
     for key, dotted in (("k", "eval.k"), ("limit", "eval.limit"), ("protocol", "rollout.mode"),
-                        ("top_p", "rollout.top_p"), ("backend", "rollout.backend")):
+                        ("top_p", "rollout.top_p"), ("backend", "rollout.backend"),
+                        ("max_response_tokens", "rollout.max_response_tokens")):
         value = getattr(args, key, None)
         if value is not None:
             items.append(f"{dotted}={value}")

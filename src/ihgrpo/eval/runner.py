@@ -21,6 +21,7 @@ from .benchmarks import Benchmark, EvalError, resolve_benchmarks
 from .choice import MC_INSTRUCTION, choice_letter, choice_prompt
 from .ledger import LEDGER, SampleLedger
 from .metrics import benchmark_metrics, sample_stats
+from .progress import EvalProgress
 
 __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
 
@@ -304,7 +305,7 @@ def _record(bench: Benchmark, traj, fingerprint: str, full_text: str) -> dict:
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | list[Benchmark],
              model=None, tokenizer=None, on_batch: Callable[[str, list[dict]], None] | None = None,
-             echo: Callable[[str], None] | None = None) -> dict:
+             echo: Callable[[str], None] | None = None, progress: bool = True) -> dict:
     """Evaluates, resuming from ``out_dir/samples.jsonl``; writes every output and returns the
     results (the content of results.json).
 
@@ -313,6 +314,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     (strings) or :class:`Benchmark` objects. ``model``/``tokenizer``: already loaded objects
     instead of ``cfg.model.path`` (which still names the model in the outputs).
     ``on_batch(benchmark, records)`` runs after each batch is durably in the ledger.
+    ``progress``: show the progress on stderr while batches are generated (:mod:`.progress`).
     """
     from .report import write_outputs
 
@@ -351,20 +353,27 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
         echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source}"
              + (f"; {b.selection})" if b.selection else ")")
              + (f", {have} samples done" if have else ""))
-    runner = None
+    runner = display = None
     t_start = time.perf_counter()
     generated = 0
     gen_time = 0.0
     try:
         if todo:
             runner = _Runner(cfg, bcfgs, model, tokenizer, echo, {b.name: b.domain for b in benches})
+            if progress:
+                display = EvalProgress(todo)
+                runner.generator.progress = display.on_generate
         for b in benches:
             for pairs in plans[b.name]:
+                if display is not None:
+                    display.start_batch(b.name)
                 t0 = time.perf_counter()
                 trajs = runner.run_batch(b, pairs)
                 engine = runner.engine(b)
                 records = [_record(b, t, fingerprints[b.name], engine.chat.decode(t.response_ids)) for t in trajs]
                 ledger.append(records)
+                if display is not None:
+                    display.batch_done(len(records))
                 dt = time.perf_counter() - t0
                 gen_time += dt
                 generated += len(records)
@@ -375,6 +384,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
                 if on_batch is not None:
                     on_batch(b.name, records)
     finally:
+        if display is not None:
+            display.close()
         if runner is not None:
             runner.close()
     results = _results(benches, ledger, cfg, bcfgs, skipped, runner)

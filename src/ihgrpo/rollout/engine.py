@@ -103,9 +103,14 @@ class RolloutConfig:
     execute_token: str = EXECUTE_TOKEN
     instruction: str | None = None  # None: the protocol's default for the mode
     enable_thinking: bool = False  # Qwen3: non-thinking mode
+    # At most this many trajectories per generate call (a round is split into calls): bounds the KV
+    # cache of a lock-step batch. None: every live trajectory in one call.
+    max_batch_rows: int | None = None
 
     def __post_init__(self) -> None:
         Mode(self.mode)  # raises on an unknown mode
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1 (or None), got {self.max_batch_rows}")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_response_tokens < 1:
@@ -217,10 +222,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------ entry points
     def rollout(self, questions: list[str], group_size: int, params: SamplingParams) -> list[Trajectory]:
         """`group_size` trajectories per question, grouped in order (question-major)."""
-        prompts = [self.chat.prompt_ids(build_prompt(q, self.config.mode, instruction=self.config.instruction,
-                                                     execute_token=self.config.execute_token))
-                   for q in questions]
-        return self.rollout_ids(prompts, group_size, params)
+        return self.rollout_ids([self.prompt_ids(q) for q in questions], group_size, params)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The prompt of a question: the protocol's instruction through the chat template."""
+        return self.chat.prompt_ids(build_prompt(question, self.config.mode, instruction=self.config.instruction,
+                                                 execute_token=self.config.execute_token))
 
     def rollout_ids(self, prompts: list[list[int]], group_size: int, params: SamplingParams) -> list[Trajectory]:
         if group_size < 1:
@@ -251,8 +258,14 @@ class RolloutEngine:
         ready = [t for t in trajs if not t.done]
         running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
         gen_time = exec_wait = 0.0
-        rounds = 0
+        n_calls = 0  # generate calls so far (one per round unless max_batch_rows splits rounds)
         calls: dict[str, int] = {}  # generation calls so far per trajectory (its seeds' index)
+        if cfg.max_batch_rows is not None and params.seed is not None:
+            # Chunked rounds: every trajectory samples from its own stream (from the call's seed and
+            # its position), so the chunk size never changes what is sampled.
+            for i, t in enumerate(trajs):
+                if t.seed is None:
+                    t.seed = derive_seed(params.seed, i)
         executor = cf.ThreadPoolExecutor(max(1, getattr(self.pool, "max_workers", 4)),
                                          thread_name_prefix="ihgrpo-exec")
         try:
@@ -260,16 +273,21 @@ class RolloutEngine:
                 if ready:
                     t0 = time.perf_counter()
                     budgets = [min(per_turn, self._room(t)) for t in ready]
-                    if params.seed is not None:  # a fresh, reproducible stream for every round
-                        turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + rounds)
-                    rounds += 1
-                    # seeds= only when used: a generator (or a wrapper) written before it still works
-                    seeded = {}
-                    if all(t.seed is not None for t in ready):
-                        seeded["seeds"] = [derive_seed(t.seed, calls.get(t.uid, 0)) for t in ready]
-                        calls.update((t.uid, calls.get(t.uid, 0) + 1) for t in ready)
-                    outs = self.generator.generate([t.prompt_ids + t.response_ids for t in ready], turn_params,
-                                                   budgets, request_ids=[t.uid for t in ready], **seeded)
+                    outs = []
+                    step = cfg.max_batch_rows or len(ready)
+                    for c in range(0, len(ready), step):  # at most max_batch_rows rows per call
+                        part = ready[c:c + step]
+                        if params.seed is not None:  # a fresh, reproducible stream for every call
+                            turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + n_calls)
+                        n_calls += 1
+                        # seeds= only when used: a generator (or a wrapper) written before it still works
+                        seeded = {}
+                        if all(t.seed is not None for t in part):
+                            seeded["seeds"] = [derive_seed(t.seed, calls.get(t.uid, 0)) for t in part]
+                            calls.update((t.uid, calls.get(t.uid, 0) + 1) for t in part)
+                        outs += self.generator.generate([t.prompt_ids + t.response_ids for t in part], turn_params,
+                                                        budgets[c:c + step], request_ids=[t.uid for t in part],
+                                                        **seeded)
                     gen_time += time.perf_counter() - t0
                     next_ready = []
                     for traj, out, budget in zip(ready, outs, budgets):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,29 @@ class GenerationOutput:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GenerateProgress:
+    """A report from inside one `generate` call (see `Generator.progress`)."""
+
+    new_tokens: int  # tokens sampled since the previous report of this call, over all rows
+    tokens: int  # tokens sampled so far in this call
+    finished: int  # rows finished so far in this call
+    rows: int  # rows in this call
+    step: int  # decode steps so far
+    max_steps: int  # the call's largest token budget
+
+
 class Generator(abc.ABC):
-    """Generates continuations for a batch of token-id prefixes."""
+    """Generates continuations for a batch of token-id prefixes.
+
+    `progress`: an optional callback a caller sets on the generator. A generator that supports
+    it calls it with a `GenerateProgress` while a `generate` call runs (HFGenerator: every
+    `progress_every` decode steps, and once when the last row finishes, so that the
+    `new_tokens` of one call add up to the tokens it returns). Other generators ignore it: an
+    attribute rather than an argument, so that every generator and wrapper keeps working.
+    """
+
+    progress: Callable[[GenerateProgress], None] | None = None
 
     @abc.abstractmethod
     def generate(self, prefixes: list[list[int]], params: SamplingParams,
@@ -81,6 +103,28 @@ def derive_seed(key: int, n: int) -> int:
     hash, so that consecutive keys or calls give unrelated streams)."""
     digest = hashlib.sha256(f"{key}/{n}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+class ProgressReporter:
+    """Turns a decode loop's rows (objects with `.n`, tokens so far, and `.finish_reason`,
+    None while generating) into `GenerateProgress` reports every `every` steps."""
+
+    __slots__ = ("callback", "rows", "max_steps", "every", "tokens")
+
+    def __init__(self, callback: Callable[[GenerateProgress], None] | None, rows: list,
+                 max_steps: int, every: int):
+        self.callback, self.rows, self.max_steps, self.every = callback, rows, max_steps, max(1, every)
+        self.tokens = 0
+
+    def step(self, step: int, last: bool) -> None:
+        """After decode step `step` (1-based); `last`: every row has finished."""
+        if self.callback is None or (step % self.every and not last):
+            return
+        tokens = sum(r.n for r in self.rows)
+        finished = sum(r.finish_reason is not None for r in self.rows)
+        new, self.tokens = tokens - self.tokens, tokens
+        self.callback(GenerateProgress(new_tokens=new, tokens=tokens, finished=finished,
+                                       rows=len(self.rows), step=step, max_steps=self.max_steps))
 
 
 def check_seeds(seeds: list[int] | None, n: int) -> None:

@@ -34,7 +34,8 @@ together with the new text. Decoding is ``skip_special_tokens=False`` and
 ``clean_up_tokenization_spaces=False``: the continuation is matched as the model wrote it.
 
 Randomness: ``params.seed`` seeds a fresh generator for the call (same seed, same prefixes, same
-params, same device -> the same tokens; bit for bit on CPU). Without it, the generator's own
+params, same device -> the same tokens; bit for bit on CPU). The uniform numbers are drawn on the
+CPU and moved to the model's device, so they are the same wherever the model runs. Without it, the generator's own
 ``torch.Generator`` (seeded from ``seed=`` at construction, else from OS entropy) is used and
 advances from call to call. A given prefix is *not* guaranteed the same sample in different batch
 compositions (the random stream is shared by the batch); greedy decoding is. With per-request
@@ -50,7 +51,7 @@ from typing import Any
 
 import torch
 
-from .generator import GenerationOutput, Generator, SamplingParams, check_seeds
+from .generator import GenerationOutput, Generator, ProgressReporter, SamplingParams, check_seeds
 
 __all__ = ["HFGenerator"]
 
@@ -139,8 +140,8 @@ class HFGenerator(Generator):
             position_ids, cache / past_key_values, use_cache, logits_to_keep)``). It is put in
             eval mode; ``generate`` also switches it to eval for the call and restores the mode.
         tokenizer: needed only when ``SamplingParams.stop_strings`` is used.
-        device: where to run; default: the device of the model's parameters. When given, the
-            model is moved there.
+        device: when given, the model is moved there. Generation always runs where the model's
+            parameters are at call time (it may be moved after construction).
         dtype: e.g. ``torch.bfloat16`` / ``"bfloat16"`` on a GPU; when given the model is cast
             to it. Default: the model's dtype as loaded (float32 for a model built from a config).
         pad_token_id: the id written into left padding (it is masked out, so any valid id
@@ -152,6 +153,8 @@ class HFGenerator(Generator):
             ``1``: only when all have, i.e. never). Removal copies the cache once, about what
             one decode step's ``DynamicCache`` update costs anyway.
     """
+
+    progress_every = 8  # `progress` (see Generator), when set, hears every this many decode steps and at the end
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *,
                  device: torch.device | str | None = None,
@@ -168,9 +171,6 @@ class HFGenerator(Generator):
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype
         self.compact_fraction = compact_fraction
 
         config = model.config
@@ -189,7 +189,9 @@ class HFGenerator(Generator):
             raise ValueError(f"pad_token_id {self.pad_token_id} is outside the model's "
                              f"vocabulary [0, {self.vocab_size})")
 
-        self._generator = torch.Generator(device=self.device)
+        # Random streams live on the CPU (uniforms are moved to the model's device), so they do
+        # not depend on where the model is, or is moved to after construction.
+        self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
         else:
@@ -202,6 +204,16 @@ class HFGenerator(Generator):
         self._has_logits_to_keep = "logits_to_keep" in params
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are now: a trainer builds the generator before
+        accelerate.prepare moves the model (e.g. to CUDA), so it is read at generate time."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def generate(self, prefixes: list[list[int]], params: SamplingParams,
                  max_new_tokens: list[int] | None = None, *,
@@ -296,7 +308,7 @@ class HFGenerator(Generator):
 
         gen = self._generator
         if params.seed is not None:
-            gen = torch.Generator(device=dev)
+            gen = torch.Generator()
             gen.manual_seed(int(params.seed))
         row_u = self._row_uniforms(seeds, T) if seeds is not None and params.temperature > 0 else None
 
@@ -308,6 +320,7 @@ class HFGenerator(Generator):
         live = list(range(B))  # original row index of each batch row
         live_t = torch.arange(B, device=dev)
         next_pos = lens_t.clone()
+        report = ProgressReporter(self.progress, rows, T, self.progress_every)
 
         for t in range(T):
             if row_u is not None:  # each live row's own stream, indexed by its original row
@@ -333,6 +346,7 @@ class HFGenerator(Generator):
                     r.finish_reason = "length"
                 if r.finish_reason is not None:
                     n_done += 1
+            report.step(t + 1, n_done == len(live))
             if n_done == len(live):
                 break
             if n_done and n_done >= self.compact_fraction * len(live):
@@ -356,8 +370,9 @@ class HFGenerator(Generator):
                 for i, r in enumerate(rows)]
 
     def _uniforms(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """One uniform number per row for this step's draw ([n, 1] float64), from the shared stream."""
-        return torch.rand((n, 1), dtype=torch.float64, generator=gen, device=self.device)
+        """One uniform number per row for this step's draw ([n, 1] float64), from the shared stream
+        (a CPU generator: the numbers do not depend on the model's device)."""
+        return torch.rand((n, 1), dtype=torch.float64, generator=gen).to(self.device)
 
     def _row_uniforms(self, seeds: list[int], steps: int) -> torch.Tensor:
         """[B, steps] float64: row i's uniforms for every step, from a CPU generator seeded by
