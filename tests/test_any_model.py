@@ -178,3 +178,20 @@ def test_vllm_on_a_folder_without_the_execute_token_is_a_one_line_error(llama_di
     with pytest.raises(EvalError, match="--backend hf") as exc:
         run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=lambda m: None)
     assert "\n" not in str(exc.value) and EXECUTE_TOKEN in str(exc.value)
+
+
+def test_lora_on_a_grown_vocabulary_names_the_runs_own_base(llama_dir, arith, tmp_path):
+    """With LoRA a checkpoint holds only the adapters: its base must be the model with the added
+    rows (the run's copy), not model.path, whose vocabulary lacks them."""
+    pytest.importorskip("peft", reason="LoRA needs peft (the lora/test extra)")
+    from transformers import AutoTokenizer
+
+    _train(_train_cfg(llama_dir, arith, tmp_path / "lora", "delayed", "lora.r=4", "lora.alpha=8", "max_steps=1",
+                      "save_every=1"))
+    ck = tmp_path / "lora" / "checkpoints" / "step-00000001"
+    base = json.loads((ck / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert (ck / "model" / base).resolve() == (tmp_path / "lora" / "base").resolve()
+    assert _single(AutoTokenizer.from_pretrained(tmp_path / "lora" / "base"), EXECUTE_TOKEN) is not None
+    out = tmp_path / "eval-lora"
+    assert main(["eval", "--model", str(ck), "--benchmark", f"arith={arith}", "--k", "1", "--out", str(out),
+                 "max_response_tokens=16", "max_turns=2", "sandbox_workers=1"]) == 0

@@ -23,7 +23,7 @@ LAYERS = [
     ("ihgrpo.rollout",),
     ("ihgrpo.config",),
     ("ihgrpo.memory",),
-    ("ihgrpo.trainer", "ihgrpo.eval"),
+    ("ihgrpo.trainer", "ihgrpo.eval", "ihgrpo.dist", "ihgrpo.lora"),
     ("ihgrpo.demo", "ihgrpo.cli", "ihgrpo.evaluate"),
 ]
 

@@ -1,8 +1,9 @@
-"""Command line: `ihgrpo train | eval | demo`.
+"""Command line: `ihgrpo train | eval | demo | export`.
 
     ihgrpo train CONFIG [key=value ...]   CONFIG: a YAML path or a packaged name (qwen3-1.7b, ...)
     ihgrpo eval --model PATH --benchmark SPEC ... --out DIR [key=value ...]
     ihgrpo demo [--out DIR] [key=value ...]   the embedded main job
+    ihgrpo export --checkpoint C --out DIR   a checkpoint as one model directory (LoRA merged)
 
 Options and key=value settings may come in any order.
 Configuration, data and model errors print one line and exit with status 2.
@@ -51,6 +52,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ihgrpo.config import ConfigError
+    from ihgrpo.models import load_model_and_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; export into a new directory")
+    # The loader resolves a checkpoint to its model/ and merges a LoRA adapter into its base.
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, dtype=args.dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"exported {args.checkpoint} to {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          "parameters); load it with ihgrpo eval --model or transformers' from_pretrained")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.walkthrough:
         from ihgrpo.demo.walkthrough import main as walkthrough
@@ -97,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     from ihgrpo.eval.cli import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
+    export = sub.add_parser("export", help="write a checkpoint as a plain model directory (LoRA merged into its base)")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint (RUN/checkpoints/step-N), its model/ directory, or any model directory")
+    export.add_argument("--out", required=True, help="a new directory for the model and tokenizer")
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights' dtype (auto: float32)")
     demo = sub.add_parser("demo", help="run the embedded main job: a tiny model learns delayed tool use")
     demo.add_argument("--out", default=None, help="directory for the outputs (default runs/demo)")
     demo.add_argument("--quick", action="store_true",
@@ -110,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the RL stage (configs/demo.yaml)")
     args = _parse(parser, sub.choices, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except _usage_errors() as exc:

@@ -160,6 +160,29 @@ class LogConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters through PEFT (`pip install 'ihgrpo[lora]'`): only the adapters train and
+    are saved in checkpoints; the KL reference (if any) is the base with the adapters off."""
+
+    r: int = 0  # adapter rank; 0: off (full fine-tuning)
+    alpha: float = 16.0  # scaling: the adapter's update is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (0: the rollout and the loss see the same policy)
+    # module names (q_proj,v_proj) or all-linear: every linear layer of the blocks, not the output layer
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class DistributedSection:
+    """How the policy is spread over the processes that `accelerate launch` / `torchrun` start."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: a full copy per process; fsdp: FSDP2, weights/grads/optimizer sharded
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (ZeRO-3); false: faster, more memory
+    cpu_offload: bool = False  # fsdp: keep the shards, gradients and optimizer state in CPU memory (slow; for memory)
+    wrap_class: str | None = None  # fsdp: the block class sharded as one unit (default: the model's, e.g. Qwen3DecoderLayer)
+    mixed_precision: bool = True  # fsdp under bf16 autocast: gather bf16 copies of the fp32 shards, reduce grads in fp32
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +190,8 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     prompts_per_step: int = 16
     output_dir: str = "runs/ihgrpo"
     max_steps: int = 100
@@ -232,10 +257,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, get_args(tp)))}, got {value!r}")
         return value
     if origin is list:
-        (arg,) = get_args(tp)
+        if isinstance(value, str):  # key=a,b on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, arg, key) for v in value]
+        return [_coerce(v, get_args(tp)[0], key) for v in value]
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -289,7 +315,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-SECTIONS = ("model", "data", "rollout", "algo", "optim", "log")
+SECTIONS = ("model", "data", "rollout", "algo", "optim", "log", "lora", "distributed")
 
 
 def _field_type(cfg: Any, parts: list[str]) -> Any:
@@ -422,6 +448,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.lr > 0, "optim.lr: must be > 0"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1"),
         (cfg.optim.updates_per_step >= 1, "optim.updates_per_step: must be >= 1"),
+        (cfg.lora.r >= 0, "lora.r: must be >= 0 (0 = no LoRA)"),
+        (cfg.lora.alpha > 0, "lora.alpha: must be > 0"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)"),
+        (bool(cfg.lora.target_modules), "lora.target_modules: name at least one module, or all-linear"),
+        (not (cfg.distributed.strategy == "fsdp" and cfg.rollout.backend != "hf"),
+         "distributed.strategy=fsdp samples with the hf backend only (vLLM's weight sync needs whole weights): "
+         "set rollout.backend=hf, or use ddp"),
     ])
 
 
