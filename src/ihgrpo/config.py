@@ -440,7 +440,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.algo.oversample >= 1, "algo.oversample: must be >= 1"),
         (0 <= cfg.algo.min_valid <= cfg.rollout.group_size,
          f"algo.min_valid: must be in [0, rollout.group_size={cfg.rollout.group_size}] (a group needs that many "
-         f"non-truncated rollouts), got {cfg.algo.min_valid}"),
+         f"non-truncated rollouts), got {cfg.algo.min_valid}; lower it (0 = off) with the group size"),
         (0 <= cfg.algo.clip_low < 1 and cfg.algo.clip_high >= 0, "algo.clip_low/clip_high: bad range"),
         (cfg.algo.dual_clip > 1, "algo.dual_clip: must be > 1"),
         (cfg.algo.lam >= 0, "algo.lam: must be >= 0"),

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenize
 from ihgrpo.precision import precision_policy
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.backends import make_generator, vllm_options
+from ihgrpo.rng import rng_state, seed_everything, set_rng_state
 from ihgrpo.utils import fsync_dir
 from ihgrpo.vocab import add_protocol_tokens, single_token_id
 
@@ -153,7 +153,7 @@ class GRPOTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=self.precision.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        _seed_everything(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
         if cfg.lora.r:
             require_peft()  # before loading a model it could not train
         # What a LoRA checkpoint can name as its base: model.path, unless the model came from
@@ -519,7 +519,7 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         """model/, optimizer, scheduler, RNG states (every rank's) and data position, written atomically."""
         self.accelerator.wait_for_everyone()
-        rng = [_rng_state()]
+        rng = [rng_state()]
         if self.world > 1:
             from accelerate.utils import gather_object
 
@@ -582,7 +582,7 @@ class GRPOTrainer:
         state = json.loads((ck / "state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank") or [state["rng"]]
-        _set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
+        set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return int(state["step"])
 
@@ -689,33 +689,3 @@ def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
         n = min(len(r), shape[1])
         out[i, :n] = r[:n]
     return out
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    st = random.getstate()
-    np_st = np.random.get_state()
-    return {"python": [st[0], list(st[1]), st[2]], "torch": torch.get_rng_state().tolist(),
-            "numpy": [np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])]}
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
