@@ -130,6 +130,8 @@ def _rl_steps(ctx: Context, config: str, model, overrides: list[str], steps: int
         cfg = load_config(config, [
             "data.train=unused", f"output_dir={out}", f"max_steps={steps}", f"prompts_per_step={s['prompts']}",
             f"rollout.group_size={s['group']}", "rollout.max_turns=2", "algo.oversample=1",
+            # a random model's rollouts are all truncated: the paper configs' filters would drop them all
+            "algo.min_valid=0", "algo.mask_truncated=false", "algo.mask_void=false",
             "log.progress=false", "log.tensorboard=false", "rollout.sandbox_workers=2", *overrides])
         ctx.reset_memory()
         t0 = time.perf_counter()

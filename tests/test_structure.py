@@ -17,9 +17,9 @@ SRC = Path(ihgrpo.__file__).resolve().parent
 
 # Lower layers never import higher ones (imports inside a layer are free).
 LAYERS = [
-    ("ihgrpo.protocol", "ihgrpo.utils", "ihgrpo.registry", "ihgrpo.losses", "ihgrpo.precision", "ihgrpo.sandbox",
-     "ihgrpo.testing"),
-    ("ihgrpo.data", "ihgrpo.models", "ihgrpo.rewards", "ihgrpo.viewer"),
+    ("ihgrpo.protocol", "ihgrpo.utils", "ihgrpo.registry", "ihgrpo.losses", "ihgrpo.precision", "ihgrpo.rng",
+     "ihgrpo.sandbox", "ihgrpo.testing"),
+    ("ihgrpo.data", "ihgrpo.models", "ihgrpo.vocab", "ihgrpo.rewards", "ihgrpo.viewer"),
     ("ihgrpo.rollout",),
     ("ihgrpo.config",),
     ("ihgrpo.memory",),

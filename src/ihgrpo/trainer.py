@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,7 +38,9 @@ from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenize
 from ihgrpo.precision import precision_policy
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.backends import make_generator, vllm_options
+from ihgrpo.rng import rng_state, seed_everything, set_rng_state
 from ihgrpo.utils import fsync_dir
+from ihgrpo.vocab import add_protocol_tokens, single_token_id
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class GRPOTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=self.precision.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        _seed_everything(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
         if cfg.lora.r:
             require_peft()  # before loading a model it could not train
         # What a LoRA checkpoint can name as its base: model.path, unless the model came from
@@ -166,6 +167,13 @@ class GRPOTrainer:
             raise ConfigError("a tokenizer is required with a model object")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.rollout.mode == "delayed":  # E must be one token: add it to a vocabulary without it
+            if add_protocol_tokens(model, tokenizer, cfg.rollout.execute_token):
+                from_path = False  # model.path lacks the new rows: LoRA checkpoints name the run's copy
+        elif cfg.algo.lam != 0 and single_token_id(tokenizer, cfg.rollout.execute_token) is None:
+            raise ConfigError(f"algo.lam: the IH surrogate reads the probability of the execute token, and the "
+                              f"tokenizer has no {cfg.rollout.execute_token!r} token (the coupled protocol adds "
+                              f"none); set algo.lam=0 (GRPO-C) or use rollout.mode=delayed")
         self.tokenizer = tokenizer
         self.out = Path(cfg.output_dir)
         # LoRA (None when lora.r == 0): adapters injected in place; checkpoints hold them and name
@@ -188,6 +196,9 @@ class GRPOTrainer:
         self.pool = r.sandbox_pool()  # after the generator: a backend that cannot start leaves nothing running
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
+        self._has_execute_token = self.execute_token_id is not None
+        if not self._has_execute_token:  # the coupled protocol on a vocabulary without E (lam = 0)
+            self.execute_token_id = 0  # any id: with lam = 0 the loss never uses it
         self.fence_close_ids = _fence_close_ids(tokenizer)
         try:  # before the model goes to the GPU: refuse a run that cannot fit
             self._check_memory(model)
@@ -305,6 +316,7 @@ class GRPOTrainer:
         all_trajs: list[Trajectory] = []
         kept_adv: list[float] = []
         rolled = 0  # prompts rolled out this step, all ranks
+        dropped_truncated = 0  # groups with fewer than min_valid non-truncated rollouts, this rank
         kept_per_rank = [0] * self.world  # groups with signal, per rank
         t0 = time.perf_counter()
         self._model().eval()
@@ -327,6 +339,9 @@ class GRPOTrainer:
                 adv = group_advantages(rewards, G, std_normalize=algo.advantage == "grpo")
                 for g in range(0, len(trajs), G):
                     group = trajs[g:g + G]
+                    if algo.min_valid and sum(not t.truncated for t in group) < algo.min_valid:
+                        dropped_truncated += 1  # too few complete rollouts to trust the group's baseline
+                        continue
                     if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
                         continue
                     kept += group
@@ -344,13 +359,15 @@ class GRPOTrainer:
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
         metrics.update({"groups_rolled": rolled, "groups_kept": n_kept,
+                        "groups_dropped_truncated": sum(self._gather_counts(dropped_truncated)),
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()
         if n_kept == 0:
             # No group carries signal (every reward equal): say so instead of looping forever.
-            log.warning("step %d: no group had differing rewards after rolling out %d prompts; "
-                        "no update this step", step + 1, rolled)
+            log.warning("step %d: no group had differing rewards%s after rolling out %d prompts; "
+                        "no update this step", step + 1,
+                        f" and {algo.min_valid} non-truncated rollouts" if algo.min_valid else "", rolled)
             metrics.update({"no_signal": 1.0, "lr": self.scheduler.get_last_lr()[0]})
         else:
             metrics.update(self._update(kept, kept_adv))
@@ -382,6 +399,9 @@ class GRPOTrainer:
         cfg, algo, o = self.cfg, self.cfg.algo, self.cfg.optim
         keep = [not ((algo.mask_void and t.void) or (algo.mask_truncated and t.truncated)) for t in trajs]
         self._model().train()
+        # A model handed in may carry gradients of earlier training (e.g. the demo's SFT): the
+        # first update would add them in, and a reloaded copy of the same weights would not.
+        self.optimizer.zero_grad(set_to_none=True)
         # Normalisers over the whole step on all processes, so that accumulation and DDP's mean
         # reproduce the single-process loss exactly.
         tokens = [sum(t.mask) if k else 0 for t, k in zip(trajs, keep)]
@@ -441,6 +461,8 @@ class GRPOTrainer:
                     rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
                 with self.dist.no_sync(self.policy):
                     self.accelerator.backward(loss * w)
+                if not self._has_execute_token:
+                    stats.pop("p_execute", None)  # the probability of a token that is not E
                 for k, v in stats.items():
                     if k in _EXTREMES:  # the step's most extreme token, not a mean over micro-batches
                         extremes[k] = _EXTREMES[k](extremes.get(k, v), v)
@@ -499,7 +521,7 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         """model/, optimizer, scheduler, RNG states (every rank's) and data position, written atomically."""
         self.accelerator.wait_for_everyone()
-        rng = [_rng_state()]
+        rng = [rng_state()]
         if self.world > 1:
             from accelerate.utils import gather_object
 
@@ -562,7 +584,7 @@ class GRPOTrainer:
         state = json.loads((ck / "state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank") or [state["rng"]]
-        _set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
+        set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return int(state["step"])
 
@@ -669,33 +691,3 @@ def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
         n = min(len(r), shape[1])
         out[i, :n] = r[:n]
     return out
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    st = random.getstate()
-    np_st = np.random.get_state()
-    return {"python": [st[0], list(st[1]), st[2]], "torch": torch.get_rng_state().tolist(),
-            "numpy": [np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])]}
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-

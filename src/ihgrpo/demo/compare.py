@@ -209,8 +209,10 @@ def write_outputs(out: Path, arms: list[Arm], runs: list[dict], budget: dict, *,
                      f"{t['delay_call_rate_mean']:.2f} | {t['tool_calls_mean']:.2f} | {t['seeds']} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
-    plot_bars(table, out / "compare.png")
-    plot_mean_curves(arms, runs, out / "compare_curves.png")
+    from .pipeline import _optional_figure
+
+    _optional_figure(out / "compare.png", log, lambda path: plot_bars(table, path))
+    _optional_figure(out / "compare_curves.png", log, lambda path: plot_mean_curves(arms, runs, path))
     return {"table": table, "runs": runs}
 
 

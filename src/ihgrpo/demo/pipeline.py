@@ -255,8 +255,6 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
     trajs = after.pop("trajectories")
     log(f"[demo] held-out after RL:  accuracy {after['accuracy']:.3f}, delay-call rate "
         f"{after['delay_call_rate']:.2f}, tool calls {after['tool_calls_per_trajectory']:.2f}")
-    model.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
     result = {"before": summary(before), "after": summary(after),
               "heldout_problems": len(heldout), "rl_steps": len(history),
               "settings": {"demo": settings.name, "algorithm": "IH-GRPO", "lam": cfg.algo.lam,
@@ -264,12 +262,28 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
                            "rl_temperature": cfg.rollout.temperature, "eval_temperature": 0.0,
                            "overrides": [*settings.rl, *overrides]},
               "time_s": {"sft": t_sft, "rl": t_rl, "total": time.perf_counter() - t_start}}
+    # What needs only the core first; a figure last, and a missing plotting package costs only it.
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    plot_curves(history, out / "curves.png", before=before)
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
     write_viewer(out / "rollouts.html", trajs[:12], tok, title="ihgrpo demo: held-out rollouts after RL")
-    log(f"[demo] wrote metrics.json, curves.png, model/, rollouts.html in {out} "
-        f"({result['time_s']['total']:.0f} s)")
+    written = ["metrics.json", "model/", "rollouts.html"]
+    if _optional_figure(out / "curves.png", log, lambda path: plot_curves(history, path, before=before)):
+        written.insert(1, "curves.png")
+    log(f"[demo] wrote {', '.join(written)} in {out} ({result['time_s']['total']:.0f} s)")
     return result
+
+
+def _optional_figure(path: Path, log, plot) -> bool:
+    """``plot(path)``; without its package, one line saying what is missing instead of a
+    traceback that would end a finished run."""
+    try:
+        plot(path)
+    except ImportError as exc:
+        name = getattr(exc, "name", None) or "matplotlib"
+        log(f"[demo] note: no {path.name}: the package {name!r} is not installed (pip install {name})")
+        return False
+    return True
 
 
 def run_compare(out_dir, **kw) -> dict:
