@@ -13,8 +13,8 @@ the options).
 
 Layout: :mod:`.benchmarks` (what a SPEC names), :mod:`.choice` (multiple choice), :mod:`.metrics`
 (avg@k, pass@k, ...), :mod:`.ledger` (samples.jsonl), :mod:`.runner` (generation and scoring;
-the only module that needs torch), :mod:`.progress` (the display while it runs), :mod:`.report`
-(results.md, chart, viewer), :mod:`.cli`.
+the only module that needs torch), :mod:`.parallel` (several processes), :mod:`.progress` (the
+display while it runs), :mod:`.report` (results.md, chart, viewer), :mod:`.cli`.
 
 Benchmarks (``SPEC``)
 ---------------------
@@ -114,6 +114,12 @@ what an uninterrupted one would. (Rows of a batch differ only by floating-point 
 differently shaped matrix products; since the batch grid is fixed, an interrupted batch is
 regenerated with the same composition, bit for bit on CPU.) Growing ``k`` or ``limit`` in the
 same ``DIR`` reuses the samples already there.
+
+Several processes (``torchrun --nproc_per_node N -m ihgrpo.cli eval ...``, :mod:`.parallel`): the
+missing grid batches are dealt round-robin, each process generates its share on its own GPU and
+appends to ``samples.rank{r}.jsonl``; process 0 merges the shards into ``samples.jsonl`` at the end
+(and, at start-up, the shards a killed run left), then writes the outputs. The samples are those
+of a 1-process run; a rerun resumes with any number of processes.
 """
 
 from __future__ import annotations

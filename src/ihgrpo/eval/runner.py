@@ -21,6 +21,7 @@ from .benchmarks import Benchmark, EvalError, resolve_benchmarks
 from .choice import MC_INSTRUCTION, choice_letter, choice_prompt
 from .ledger import LEDGER, SampleLedger
 from .metrics import benchmark_metrics, sample_stats
+from .parallel import EvalWorld, merge_shards, shard_path
 from .progress import EvalProgress
 
 __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
@@ -119,7 +120,7 @@ class _Runner:
     """The model, generator, sandbox pool and verifier of one run (built only when needed)."""
 
     def __init__(self, cfg: EvalConfig, bcfgs: dict[str, EvalConfig], model, tokenizer, echo,
-                 domains: dict[str, str]):
+                 domains: dict[str, str], world: EvalWorld | None = None):
         import torch
 
         from ihgrpo import registry
@@ -129,6 +130,7 @@ class _Runner:
         from ihgrpo.vocab import add_protocol_tokens
 
         self.cfg, self.bcfgs = cfg, bcfgs
+        self.world = world or EvalWorld()
         e, m = cfg.eval, cfg.model
         self.backend = resolve_backend(cfg.rollout.backend)
         device = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,8 +164,9 @@ class _Runner:
         if not self.eos:
             raise EvalError(f"{m.path}: neither the model nor the tokenizer names an EOS token")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
-        if self.backend == "hf":
-            self.generator = HFGenerator(model, tokenizer, device=device, pad_token_id=pad, seed=cfg.seed)
+        if self.backend == "hf":  # data-parallel: this rank's own GPU
+            self.generator = HFGenerator(model, tokenizer, device=self.world.device(device), pad_token_id=pad,
+                                         seed=cfg.seed)
         elif self.generator is None:  # a model object: an engine on its config, then its weights
             import tempfile
 
@@ -181,7 +184,8 @@ class _Runner:
         from ihgrpo.rollout.backends import vllm_options
 
         return vllm_options(self.cfg.rollout, dtype=dtype, seed=self.cfg.seed,
-                            trust_remote_code=self.cfg.model.trust_remote_code)
+                            trust_remote_code=self.cfg.model.trust_remote_code, rank=self.world.rank,
+                            world=self.world.world)
 
     def _launch_vllm(self, path: str, dtype: str, echo):
         """A vLLM engine on the model directory or name `path`; returns (a stand-in carrying the generation config,
@@ -317,27 +321,48 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     instead of ``cfg.model.path`` (which still names the model in the outputs).
     ``on_batch(benchmark, records)`` runs after each batch is durably in the ledger.
     ``progress``: show the progress on stderr while batches are generated (:mod:`.progress`).
+    Under ``torchrun``/``accelerate launch`` each process evaluates its share (:mod:`.parallel`)
+    and every process returns the results, which rank 0 writes.
     """
     from .report import write_outputs
 
     echo = echo or (lambda msg: print(msg, flush=True))
     validate_eval(cfg)
     out = Path(out_dir)
+    world = EvalWorld.from_env()  # several processes under torchrun / accelerate launch
+    try:
+        return _run_eval(cfg, out, benchmarks, model, tokenizer, on_batch, echo, progress, world, write_outputs)
+    finally:
+        world.close()
+
+
+def _run_eval(cfg, out: Path, benchmarks, model, tokenizer, on_batch, echo, progress, world: EvalWorld,
+              write_outputs) -> dict:
+    main = world.rank == 0
+    say = echo if main else (lambda msg: None)  # what every rank would say alike: rank 0 says it
     skipped: list[dict] = []
     if benchmarks and isinstance(benchmarks[0], Benchmark):
         benches = list(benchmarks)
         for b in benches:
             b.k = cfg.eval.k or b.k
     else:
-        benches, skipped = resolve_benchmarks(list(benchmarks), cfg, echo)
+        benches, skipped = resolve_benchmarks(list(benchmarks), cfg, say)
     bcfgs = {b.name: bench_config(cfg, b) for b in benches}
+    order = {b.name: i for i, b in enumerate(benches)}
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    ledger = SampleLedger(out / LEDGER).load()
+    if main:  # the only writer of samples.jsonl: repairs it, then takes in what a killed data-parallel run left
+        ledger = SampleLedger(out / LEDGER).load()
+        dropped = ledger.dropped
+        merged = merge_shards(ledger, out, order)
+    world.barrier()
+    if not main:
+        ledger = SampleLedger(out / LEDGER).load()  # clean now: nothing to rewrite
     if ledger.records:
-        echo(f"resuming: {len(ledger.records)} samples already in {out / LEDGER}"
-             + (f" ({ledger.dropped} partial or duplicate lines dropped)" if ledger.dropped else ""))
+        say(f"resuming: {len(ledger.records)} samples already in {out / LEDGER}"
+            + (f" ({dropped} partial or duplicate lines dropped)" if main and dropped else "")
+            + (f" ({merged} from the shards of a data-parallel run)" if main and merged else ""))
     _check_ledger(ledger, benches, bcfgs, out)
     known_path = out / "eval_settings.json"
     known = json.loads(known_path.read_text()) if known_path.exists() else {}
@@ -346,55 +371,71 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
         fp, sampling = _fingerprint(b, bcfgs[b.name])
         known[fp] = sampling
         fingerprints[b.name] = fp
-    atomic_write_text(known_path, json.dumps(known, indent=2))
+    if main:
+        atomic_write_text(known_path, json.dumps(known, indent=2))
 
     plans = {b.name: _plan(b, ledger, cfg.eval.batch_size) for b in benches}
     todo = sum(len(pairs) for batches in plans.values() for pairs in batches)
     for b in benches:
         have = len(b.problems) * b.k - sum(len(x) for x in plans[b.name])
-        echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source}"
-             + (f"; {b.selection})" if b.selection else ")")
-             + (f", {have} samples done" if have else ""))
+        say(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source}"
+            + (f"; {b.selection})" if b.selection else ")")
+            + (f", {have} samples done" if have else ""))
+    # whole grid batches, dealt round-robin: each keeps the composition (and so the samples) of a 1-process run
+    mine = world.share([(b, pairs) for b in benches for pairs in plans[b.name]])
+    sink = ledger if world.world == 1 else SampleLedger(shard_path(out, world.rank))
+    mine_todo = sum(len(pairs) for _, pairs in mine)
+    if world.world > 1:
+        say(f"data-parallel: {world.world} processes, {todo} samples to generate")
+        echo = (lambda msg, _echo=echo, _tag=f"[rank {world.rank}] ": _echo(_tag + msg))
     runner = display = None
     t_start = time.perf_counter()
     generated = 0
     gen_time = 0.0
     try:
-        if todo:
-            runner = _Runner(cfg, bcfgs, model, tokenizer, echo, {b.name: b.domain for b in benches})
-            if progress:
-                display = EvalProgress(todo)
+        if todo:  # on every rank when any has work: vLLM's per-rank engines start together
+            runner = _Runner(cfg, bcfgs, model, tokenizer, echo if main else (lambda msg: None),
+                             {b.name: b.domain for b in benches}, world)
+            if progress and main and mine_todo:  # one display: rank 0's share
+                display = EvalProgress(mine_todo)
                 runner.generator.progress = display.on_generate
-        for b in benches:
-            for pairs in plans[b.name]:
-                if display is not None:
-                    display.start_batch(b.name)
-                t0 = time.perf_counter()
-                trajs = runner.run_batch(b, pairs)
-                engine = runner.engine(b)
-                records = [_record(b, t, fingerprints[b.name], engine.chat.decode(t.response_ids)) for t in trajs]
-                ledger.append(records)
-                if display is not None:
-                    display.batch_done(len(records))
-                dt = time.perf_counter() - t0
-                gen_time += dt
-                generated += len(records)
-                probs = sorted({p for p, _ in pairs})
-                acc = sum(r["correct"] for r in records) / len(records)
-                echo(f"  {b.name}: problems {probs[0]}-{probs[-1]}, {len(records)} samples, "
-                     f"accuracy {acc:.3f}, {dt:.1f} s ({generated}/{todo})")
-                if on_batch is not None:
-                    on_batch(b.name, records)
+        for b, pairs in mine:
+            if display is not None:
+                display.start_batch(b.name)
+            t0 = time.perf_counter()
+            trajs = runner.run_batch(b, pairs)
+            engine = runner.engine(b)
+            records = [_record(b, t, fingerprints[b.name], engine.chat.decode(t.response_ids)) for t in trajs]
+            sink.append(records)
+            if display is not None:
+                display.batch_done(len(records))
+            dt = time.perf_counter() - t0
+            gen_time += dt
+            generated += len(records)
+            probs = sorted({p for p, _ in pairs})
+            acc = sum(r["correct"] for r in records) / len(records)
+            echo(f"  {b.name}: problems {probs[0]}-{probs[-1]}, {len(records)} samples, "
+                 f"accuracy {acc:.3f}, {dt:.1f} s ({generated}/{mine_todo})")
+            if on_batch is not None:
+                on_batch(b.name, records)
     finally:
         if display is not None:
             display.close()
         if runner is not None:
             runner.close()
-    results = _results(benches, ledger, cfg, bcfgs, skipped, runner)
-    results["timing"] = {"wall_s": time.perf_counter() - t_start, "generation_s": gen_time,
-                         "samples_generated": generated}
-    write_outputs(out, results, benches, ledger, cfg, echo)
-    return results
+    timing = world.gather((generated, gen_time))
+    results = None
+    if main:
+        if world.world > 1:
+            merge_shards(ledger, out, order)
+        results = _results(benches, ledger, cfg, bcfgs, skipped, runner)
+        results["timing"] = {"wall_s": time.perf_counter() - t_start,
+                             "generation_s": sum(t for _, t in timing),
+                             "samples_generated": sum(n for n, _ in timing)}
+        if world.world > 1:
+            results["timing"]["processes"] = world.world
+        write_outputs(out, results, benches, ledger, cfg, echo)
+    return world.broadcast(results)
 
 
 def _results(benches: list[Benchmark], ledger: SampleLedger, cfg: EvalConfig, bcfgs: dict, skipped,

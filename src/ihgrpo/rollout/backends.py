@@ -46,7 +46,8 @@ def vllm_options(rollout, *, dtype: str, seed: int, trust_remote_code: bool = Fa
     """`VLLMGenerator.launch` / `for_model` options from a config's rollout section (the one place
     for training and evaluation). With `output_dir`, a training run's engine for this process: each
     rank gets its own engine on its own device (vLLM's external launcher) and its own directory, and
-    sleeps during the update (rollout.vllm_sleep_level). Without, an evaluation engine: never sleeps."""
+    sleeps during the update (rollout.vllm_sleep_level). Without, an evaluation engine: never sleeps; one
+    per rank too when `world` > 1 (data-parallel evaluation)."""
     from .vllm import logprobs_mode_for
 
     opts = {"seed": seed + rank, "logprobs_mode": logprobs_mode_for(rollout.temperature),
@@ -57,4 +58,6 @@ def vllm_options(rollout, *, dtype: str, seed: int, trust_remote_code: bool = Fa
     if output_dir is not None:
         opts.update(workdir=Path(output_dir) / "vllm-engine" / f"rank{rank}", distributed=world > 1,
                     sleep_level=rollout.vllm_sleep_level)
+    elif world > 1:
+        opts["distributed"] = True
     return opts
