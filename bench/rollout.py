@@ -227,7 +227,7 @@ class _TimedScript(Generator):
     def __init__(self, hf: Generator, script):
         self.hf, self.script = hf, script
 
-    def generate(self, prefixes, params, max_new_tokens=None, *, request_ids=None):
+    def generate(self, prefixes, params, max_new_tokens=None, *, request_ids=None, seeds=None):  # noqa: ARG002
         turns = [self.script(rid, p) for rid, p in zip(request_ids, prefixes)]
         budgets = max_new_tokens or [params.max_new_tokens] * len(prefixes)
         turns = [t[:b] for t, b in zip(turns, budgets)]

@@ -12,12 +12,20 @@ state reused across cells) over the same number of threads. Two views of ihgrpo:
   steady: sessions already have an interpreter (what each turn after the first sees);
   cold:   every session is new, so its interpreter's start is part of the measured time.
 
-    python bench/sandbox.py [--sessions 16] [--threads 2]
+New sessions (what an RL step pays: every trajectory is a new session), measured first:
+  burst:  64 new sessions' first cells, submitted at once (isolation on, --threads workers),
+          vs 64 fresh bare `python -S` runs of the same cell one after another (no isolation);
+  one at a time: first-cell latency of new sessions, p50 and p99, each session then ended;
+          arriving --gap-ms apart (the pool has its warm interpreters ready), and back to back
+          (a new session the moment the last one ended: a throughput bound, CPU-bound here).
+
+    python bench/sandbox.py [--sessions 16] [--threads 2] [--new-sessions 64] [--gap-ms 20] [--only-new]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import pickle
 import statistics
@@ -130,12 +138,69 @@ def report(name: str, wall: float, lat: dict[str, list[float]]) -> dict:
     return row
 
 
+FIRST_CELL = "x = 6 * 7\nprint(x)"
+
+
+def new_sessions(threads: int, n: int, latency_n: int, gap_s: float) -> None:
+    """New sessions' first cells: a concurrent burst vs bare interpreters, and one at a time."""
+    start = time.perf_counter()
+    for _ in range(n):
+        out = subprocess.run([sys.executable, "-S", "-c", FIRST_CELL], capture_output=True, text=True, check=True)
+    bare = time.perf_counter() - start
+    assert out.stdout == "42\n"
+
+    async def burst(pool: SandboxPool, tag: str) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(pool.execute(f"{tag}{i}", FIRST_CELL) for i in range(n)))
+        first = time.perf_counter() - t0
+        assert all(r.ok and r.stdout == "42\n" for r in res), res[0]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(pool.end_session(f"{tag}{i}") for i in range(n)))
+        return first, time.perf_counter() - t0
+
+    with SandboxPool(max_workers=threads, timeout_s=10) as pool:
+        pool.execute_sync("warmup", "1")  # the pool is made once per run; its start is not a session's
+        pool.end_session_sync("warmup")
+        time.sleep(1)
+        first, end = asyncio.run(burst(pool, "burst"))
+        lat: dict[float, list[float]] = {}
+        for gap in (gap_s, 0.0):
+            time.sleep(1)
+            lat[gap] = []
+            for i in range(latency_n):
+                time.sleep(gap)
+                t0 = time.perf_counter()
+                r = pool.execute_sync(f"one{gap}-{i}", FIRST_CELL)
+                lat[gap].append(time.perf_counter() - t0)
+                assert r.stdout == "42\n", r
+                pool.end_session_sync(f"one{gap}-{i}")
+        isolation, stats = pool.isolation, dict(pool.stats)
+    print(f"new sessions (isolation: {isolation}; {threads} workers; {os.cpu_count()} CPUs; load "
+          f"{os.getloadavg()[0]:.1f}; pool stats {stats})")
+    print(f"  {n} bare `python -S` runs, one after another: {bare:.3f} s")
+    print(f"  {n} new sessions' first cells, concurrent:    {first:.3f} s  (ending them: {end:.3f} s)")
+    print(f"  ratio new sessions / bare interpreters: {first / bare:.2f}x (target <= 0.5x)")
+    for gap, how in ((gap_s, f"{1000 * gap_s:g} ms apart"), (0.0, "back to back")):
+        p50, p99 = 1000 * statistics.median(lat[gap]), 1000 * pct(lat[gap], 0.99)
+        print(f"  new-session first cell, one at a time, {how} ({latency_n}): p50 {p50:.2f} ms "
+              f"(target <= 5 ms), p99 {p99:.2f} ms (target <= 30 ms)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline-sessions", type=int, default=6, help="the baseline is slow: fewer sessions")
+    ap.add_argument("--new-sessions", type=int, default=64, help="sessions in the new-session burst")
+    ap.add_argument("--latency-sessions", type=int, default=200, help="new sessions timed one at a time")
+    ap.add_argument("--gap-ms", type=float, default=20.0, help="pause before each of them")
+    ap.add_argument("--only-new", action="store_true", help="only the new-session measurements")
     args = ap.parse_args()
+
+    new_sessions(args.threads, args.new_sessions, args.latency_sessions, args.gap_ms / 1000)
+    if args.only_new:
+        return
+    print()
 
     print(f"cell mix: {len(CELL_MIX)} cells per session; {args.threads} threads; "
           f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}")

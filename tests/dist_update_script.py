@@ -43,7 +43,8 @@ def main(out: str, aggregation: str) -> None:
     cfg = load_config(None, ["model.path=unused", "data.train=unused", "optim.lr=0.01", "optim.micro_batch_size=3",
                              "algo.lam=0.5", "log.tensorboard=false", "log.progress=false", "rollout.group_size=2",
                              "rollout.sandbox_workers=1", "optim.grad_clip=0", f"algo.aggregation={aggregation}",
-                             "prompts_per_step=2", "algo.reward=exact"])
+                             "prompts_per_step=2", "algo.reward=exact",
+                             "optim.warmup_steps=4"])
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=[Example("q", "1", "0")])
     try:
         trajs, adv = fixed_trajectories(tok)
@@ -58,7 +59,7 @@ def main(out: str, aggregation: str) -> None:
         stats = trainer._update(trajs[lo:hi], adv[lo:hi])
         if trainer.rank == 0:
             params = {k: v.detach().clone() for k, v in trainer._model().state_dict().items()}
-            torch.save({"params": params, "grads": grads, "grad_norm": stats["grad_norm"],
+            torch.save({"params": params, "grads": grads, "grad_norm": stats["grad_norm"], "lr": stats["lr"],
                         "world": trainer.world}, out)
     finally:
         trainer.close()

@@ -38,6 +38,7 @@ def test_overrides_and_round_trip(tmp_path):
     (["rollout.mode=eager"], "rollout.mode: must be one of"),
     (["resume=maybe"], "resume: expected true or false"),
     (["rollout.group_size=1"], "group_size"),
+    (["rollout.max_batch_rows=0"], "rollout.max_batch_rows: must be >= 1"),
     (["novalue"], "key=value"),
     (["algo=3"], "algo: expected a mapping"),
 ])
@@ -130,3 +131,46 @@ def test_prompt_sampler_is_seeded_and_resumable():
     assert sorted(first[:5]) == sorted(map(str, range(5)))  # one epoch is a permutation
     with pytest.raises(DataError, match="checkpoint was made on 5"):
         PromptSampler(ex[:4], seed=3).load_state_dict(state)
+
+
+def test_text_and_optional_overrides_keep_what_was_written():
+    cfg = load_config("qwen3-1.7b", [r"rollout.instruction=Answer: put it in \boxed{}.",
+                                     "rollout.max_tokens_per_turn=none", "model.path=123"])
+    assert cfg.rollout.instruction == r"Answer: put it in \boxed{}."  # YAML would read a mapping
+    assert cfg.rollout.max_tokens_per_turn is None and cfg.model.path == "123"
+    with pytest.raises(ConfigError, match="rollout.top_k: must be >= 0"):
+        load_config("qwen3-1.7b", ["rollout.top_k=-1"])
+
+
+def test_eval_config_shares_the_mechanism_and_layers_benchmark_defaults():
+    from ihgrpo.config import EvalConfig, RolloutSection, load_eval_config, with_defaults
+
+    cfg = load_eval_config(None, ["max_turns=2", "eval.k=4", "model=some/model", "protocol=coupled"])
+    assert (cfg.rollout.max_turns, cfg.eval.k, cfg.model.path, cfg.rollout.mode) == (2, 4, "some/model", "coupled")
+    assert cfg.rollout.top_p == 0.7 and EvalConfig().rollout.top_p == 0.7  # differs from training's 1.0
+    demo = {"rollout.max_turns": 4, "rollout.max_response_tokens": 512, "rollout.instruction": "demo's"}
+    bench = with_defaults(cfg, demo)  # a benchmark's defaults go under the user's settings
+    assert (bench.rollout.max_turns, bench.rollout.max_response_tokens, bench.rollout.instruction) == \
+        (2, 512, "demo's")
+    assert bench.eval.k == 4 and cfg.rollout.max_response_tokens == 8000
+    with pytest.warns(FutureWarning, match="'batch' is deprecated; use 'batch_size'"):
+        assert load_eval_config(None, ["batch=3"]).eval.batch_size == 3
+    for bad, match in ((["temprature=1"], "unknown config key 'temprature'"),
+                       (["eval.k=0"], "eval.k: must be >= 1"), (["rollout.mode=eager"], "rollout.mode: must be one")):
+        with pytest.raises(ConfigError, match=match) as exc:
+            load_eval_config(None, bad)
+        assert "\n" not in str(exc.value)
+    # one builder for the engine's objects
+    r = RolloutSection(max_turns=3, max_response_tokens=100, max_tokens_per_turn=40, top_k=5, instruction="x")
+    rc, sp = r.rollout_config(), r.sampling_params()
+    assert (rc.max_turns, rc.max_response_tokens, rc.max_tokens_per_turn, rc.instruction) == (3, 100, 40, "x")
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens) == (1.0, 1.0, 5, 40)
+
+
+def test_eval_config_file(tmp_path):
+    from ihgrpo.config import load_eval_config
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("model:\n  path: m\nrollout:\n  top_p: 0.95\neval:\n  k: 2\n")
+    cfg = load_eval_config(str(path), ["top_p=0.5"])
+    assert (cfg.model.path, cfg.rollout.top_p, cfg.eval.k) == ("m", 0.5, 2)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ihgrpo import evaluate as ev
-from ihgrpo.evaluate import (EvalError, EvalSettings, SampleLedger, benchmark_metrics, choice_letter,
-                             parse_overrides, resolve_benchmarks, run_eval, sample_stats, score_samples)
+from ihgrpo import eval as ev
+from ihgrpo.config import ConfigError, load_eval_config
+from ihgrpo.eval import (EvalError, SampleLedger, benchmark_metrics, choice_letter, resolve_benchmarks, run_eval,
+                         sample_stats, score_samples)
 from ihgrpo.protocol import TurnEnd
 from ihgrpo.rollout import Trajectory, TurnRecord, batch_stats
 
@@ -124,25 +125,26 @@ def test_choice_letter(boxed, expected):
 
 
 def test_overrides_are_typed_and_checked():
-    s = parse_overrides(["temperature=0.6", "top_p=0.95", "max_turns=3", "batch_size=4", "seed=7",
-                         "max_tokens_per_turn=none", "enable_thinking=true", "data_dir=/x"])
-    assert (s.temperature, s.top_p, s.max_turns, s.batch_size, s.seed) == (0.6, 0.95, 3, 4, 7)
-    assert s.max_tokens_per_turn is None and s.enable_thinking is True and s.data_dir == "/x"
-    assert {"temperature", "top_p", "data_dir"} <= s.explicit
-    assert EvalSettings().top_p == 0.7 and EvalSettings().temperature == 1.0  # the paper's evaluation
-    with pytest.raises(EvalError, match="unknown setting 'temprature'"):
-        parse_overrides(["temprature=1"])
-    with pytest.raises(EvalError, match="expected an int"):
-        parse_overrides(["max_turns=many"])
-    with pytest.raises(EvalError, match="top_p must be in"):
-        parse_overrides(["top_p=1.5"]).validate()
+    c = load_eval_config(None, ["temperature=0.6", "top_p=0.95", "max_turns=3", "batch_size=4", "seed=7",
+                                "max_tokens_per_turn=none", "enable_thinking=true", "data_dir=/x"])
+    r = c.rollout
+    assert (r.temperature, r.top_p, r.max_turns, c.eval.batch_size, c.seed) == (0.6, 0.95, 3, 4, 7)
+    assert r.max_tokens_per_turn is None and r.enable_thinking is True and c.eval.data_dir == "/x"
+    default = load_eval_config()
+    assert default.rollout.top_p == 0.7 and default.rollout.temperature == 1.0  # the paper's evaluation
+    with pytest.raises(ConfigError, match="unknown config key 'temprature'"):
+        load_eval_config(None, ["temprature=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_eval_config(None, ["max_turns=many"])
+    with pytest.raises(ConfigError, match="top_p: must be in"):
+        load_eval_config(None, ["top_p=1.5"])
     args = eval_args("m", ["aime24"], "out", "top_p=0.9", "temperature=0.5", k=4, top_p=0.3)
-    s = ev.settings_from_args(args)
-    assert (s.top_p, s.temperature, s.k) == (0.3, 0.5, 4)  # the flag wins over key=value
+    c = ev.config_from_args(args)
+    assert (c.rollout.top_p, c.rollout.temperature, c.eval.k) == (0.3, 0.5, 4)  # the flag wins over key=value
 
 
 def test_paper_k_defaults(shared_data):
-    s = EvalSettings(data_dir=str(shared_data / "math"), limit=1)
+    s = load_eval_config(None, [f"data_dir={shared_data / 'math'}", "limit=1"])
     benches, skipped = resolve_benchmarks(["paper"], s, echo=lambda m: None)
     assert [b.name for b in benches] == list(ev.PAPER_BENCHMARKS) and not skipped
     assert {b.name: b.k for b in benches} == {"math500": 8, "olympiad": 8, "aime24": 32, "aime25": 32,
@@ -150,7 +152,8 @@ def test_paper_k_defaults(shared_data):
     # named by file, never by the (wrong) data_source column
     assert all(len(b.problems) == 1 and b.source.endswith(f"{b.name}.parquet") for b in benches)
     benches, _ = resolve_benchmarks(["paper", "mine=" + str(shared_data / "math" / "aime25.parquet")],
-                                    EvalSettings(data_dir=str(shared_data / "math"), limit=1, k=3), echo=print)
+                                    load_eval_config(None, [f"data_dir={shared_data / 'math'}", "limit=1", "k=3"]),
+                                    echo=print)
     assert all(b.k == 3 for b in benches) and benches[-1].name == "mine"
 
 
@@ -159,7 +162,7 @@ def test_paper_k_defaults(shared_data):
 def test_bad_benchmarks_are_one_line_data_errors(tmp_path):
     from ihgrpo.data import DataError
 
-    s = EvalSettings(data_dir=str(tmp_path / "nowhere"))
+    s = load_eval_config(None, [f"data_dir={tmp_path / 'nowhere'}"])
     cases = {
         "unknown benchmark 'gsm9k'": ["gsm9k"],
         "data directory": ["paper"],
@@ -176,13 +179,13 @@ def test_other_domains_skip_missing_files(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     write_jsonl(other / "logiqa.jsonl", [{"question": "Which?", "options": ["x", "y"], "answer": "B"}])
-    benches, skipped = resolve_benchmarks(["other"], EvalSettings(data_dir=str(tmp_path)))
+    benches, skipped = resolve_benchmarks(["other"], load_eval_config(None, [f"data_dir={tmp_path}"]))
     out = capsys.readouterr().out
     assert [b.name for b in benches] == ["logiqa"] and benches[0].domain == "choice" and benches[0].k == 8
     assert f"skipping mmlu_pro: {other / 'mmlu_pro.jsonl'} not found" in out
     assert "skipping bbh_formal_fallacies" in out and len(skipped) == 4
     with pytest.raises(Exception, match="every one was skipped"):
-        resolve_benchmarks(["other"], EvalSettings(data_dir=str(tmp_path / "empty")), echo=lambda m: None)
+        resolve_benchmarks(["other"], load_eval_config(None, [f"data_dir={tmp_path / 'empty'}"]), echo=lambda m: None)
 
 
 def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
@@ -216,7 +219,7 @@ def test_cmd_eval_bad_input_exits_2_with_one_line(tmp_path, capsys, math_jsonl):
     err = capsys.readouterr().err
     assert err.startswith("ihgrpo eval: error: ") and str(missing) in err and err.count("\n") == 1
     assert ev.cmd_eval(eval_args("x", [f"m={math_jsonl}"], tmp_path / "o", "top_p=0")) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p: must be in (0, 1]" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- generation
@@ -224,16 +227,15 @@ def test_cmd_eval_bad_input_exits_2_with_one_line(tmp_path, capsys, math_jsonl):
 def test_row_seeded_sampling_does_not_depend_on_the_batch(tiny):
     _, model, tok = tiny
     from ihgrpo.rollout import SamplingParams
+    from ihgrpo.rollout.hf import HFGenerator
 
-    gen = ev.RowSeededHFGenerator(model, tok, seed=0)
+    gen = HFGenerator(model, tok, seed=0)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)
     a, b, c = tok.encode("Let a be 5."), tok.encode("What is b? Let"), tok.encode("x")
 
     def run(prefixes, keys, budgets):
-        for k in keys:
-            gen.register(k, ev.sample_seed(0, "bench", int(k[1:]), 0))
-        out = gen.generate(prefixes, params, budgets, request_ids=keys)
-        gen.forget(keys)
+        seeds = [ev.sample_seed(0, "bench", int(k[1:]), 0) for k in keys]
+        out = gen.generate(prefixes, params, budgets, request_ids=keys, seeds=seeds)
         return {k: o.token_ids for k, o in zip(keys, out)}
 
     # rows finish at different times (budgets), so finished rows leave the batch mid-way
@@ -243,22 +245,21 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch(tiny):
     assert run([a], ["p3"], [3])["p3"] != big["p0"] or run([a], ["p4"], [3])["p4"] != big["p0"]
     # top_p is applied by the sampler: a vanishing nucleus is greedy decoding
     greedy = gen.generate([a, b], SamplingParams(temperature=0.0, max_new_tokens=8), request_ids=["g0", "g1"])
-    for i, k in enumerate(["n0", "n1"]):
-        gen.register(k, 1000 + i)
     nucleus = gen.generate([a, b], SamplingParams(temperature=1.0, top_p=1e-9, max_new_tokens=8),
-                           request_ids=["n0", "n1"])
+                           request_ids=["n0", "n1"], seeds=[1000, 1001])
     assert [o.token_ids for o in nucleus] == [o.token_ids for o in greedy]
 
 
 def test_eval_on_shared_aime24_writes_every_output(tiny, shared_data, tmp_path, monkeypatch):
     path, _, _ = tiny
     seen_top_p = []
-    cls = ev.RowSeededHFGenerator
+    from ihgrpo.rollout.hf import HFGenerator as cls
+
     real_generate = cls.generate
 
-    def spy(self, prefixes, params, max_new_tokens=None, *, request_ids=None):
+    def spy(self, prefixes, params, max_new_tokens=None, *, request_ids=None, seeds=None):
         seen_top_p.append(params.top_p)
-        return real_generate(self, prefixes, params, max_new_tokens, request_ids=request_ids)
+        return real_generate(self, prefixes, params, max_new_tokens, request_ids=request_ids, seeds=seeds)
 
     monkeypatch.setattr(cls, "generate", spy)
     out = tmp_path / "eval"
@@ -288,7 +289,8 @@ def test_eval_on_shared_aime24_writes_every_output(tiny, shared_data, tmp_path, 
 
 def test_resume_after_interruption_equals_a_fresh_run(tiny, tmp_path, math_jsonl):
     path, model, tok = tiny
-    settings = parse_overrides(FAST + ["batch_size=2", "k=2"], EvalSettings(model=str(path)))
+    items = [f"model={path}", *FAST, "batch_size=2", "k=2"]
+    settings = load_eval_config(None, items)
     specs = [f"arith={math_jsonl}"]
     quiet = lambda msg: None  # noqa: E731
 
@@ -326,9 +328,98 @@ def test_resume_after_interruption_equals_a_fresh_run(tiny, tmp_path, math_jsonl
     assert again["timing"]["samples_generated"] == 0
     assert again["benchmarks"] == resumed["benchmarks"]
     # other sampling settings in the same folder would mix two evaluations: refused
-    hot = parse_overrides(["temperature=0.5"], settings)
+    hot = load_eval_config(None, [*items, "temperature=0.5"])
     with pytest.raises(EvalError, match=r"other settings \(temperature: 1.0 -> 0.5\)"):
         run_eval(hot, out, benchmarks=specs, model=model, tokenizer=tok, echo=quiet)
+
+
+def test_max_response_tokens_option_sets_the_response_budget():
+    parser = argparse.ArgumentParser()
+    ev.add_eval_arguments(parser)
+    argv = ["--model", "m", "--benchmark", "aime24", "--out", "o", "--max-response-tokens", "300"]
+    c = ev.config_from_args(parser.parse_args(argv + ["max_response_tokens=5000", "max_turns=3"]))
+    r = c.rollout
+    assert r.max_response_tokens == 300 and r.max_turns == 3  # the option wins over key=value
+    assert r.max_tokens_per_turn is None and r.sampling_params().max_new_tokens == 300  # it bounds each turn
+    assert r.rollout_config().max_response_tokens == 300
+    assert ev.config_from_args(parser.parse_args(argv[:-2])).rollout.max_response_tokens == 8000
+    # over a benchmark's own budgets (the demo: 512 in all, 256 a turn) too
+    demo = ev.bench_config(ev.config_from_args(parser.parse_args(argv[:-1] + ["100"])),
+                           ev.Benchmark("demo", [], "demo", defaults={"rollout.max_response_tokens": 512,
+                                                                      "rollout.max_tokens_per_turn": 256}))
+    assert (demo.rollout.max_response_tokens, demo.rollout.max_tokens_per_turn) == (100, 256)
+    with pytest.raises(ConfigError, match="max_response_tokens: must be >= 1"):
+        ev.config_from_args(parser.parse_args(argv[:-1] + ["0"]))
+
+
+def test_progress_plain_line_every_10_s():
+    import io
+
+    from ihgrpo.eval.progress import EvalProgress
+    from ihgrpo.rollout.generator import GenerateProgress
+
+    now = [100.0]
+    out = io.StringIO()
+    p = EvalProgress(48, stream=out, clock=lambda: now[0])
+    assert p._bar is None  # not a terminal: plain lines
+    p.start_batch("aime24")
+
+    def step(dt, tokens, finished, step, rows=32):
+        now[0] += dt
+        p.on_generate(GenerateProgress(new_tokens=tokens, tokens=0, finished=finished, rows=rows, step=step,
+                                       max_steps=8000))
+
+    step(4.0, 800, 0, 25)
+    assert out.getvalue() == ""  # less than 10 s since the last line
+    step(6.5, 1200, 3, 60)
+    assert out.getvalue() == ("eval: 0/48 samples · aime24 · 2,000 tokens · 190 tok/s · 29/32 rows (step 60/8000)"
+                              " · 0:10 elapsed · ETA ?\n")
+    step(9.0, 100, 5, 70)
+    assert out.getvalue().count("\n") == 1
+    now[0] += 230.5
+    p.batch_done(32)
+    last = out.getvalue().splitlines()[-1]
+    assert last == "eval: 32/48 samples · aime24 · 2,100 tokens · 8 tok/s · 4:10 elapsed · ETA 2:05"
+    p.close()
+
+
+def test_progress_shows_within_a_batch(tiny, tmp_path, math_jsonl, monkeypatch, capsys):
+    """The display moves while a batch is generated, and counts every model token."""
+    import re
+
+    from ihgrpo.eval import progress
+
+    path, model, tok = tiny
+    from ihgrpo.rollout.hf import HFGenerator
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    monkeypatch.setattr(HFGenerator, "progress_every", 2)
+    settings = load_eval_config(None, [f"model={path}", *FAST, "batch_size=4", "k=2"])
+    before_first_batch = []
+
+    class Stop(Exception):
+        pass
+
+    def first(bench, records):
+        before_first_batch.append(capsys.readouterr().err)
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_eval(settings, tmp_path / "o", benchmarks=[f"arith={math_jsonl}"], model=model, tokenizer=tok,
+                 on_batch=first, echo=lambda m: None)
+    lines = before_first_batch[0].splitlines()
+    pattern = (r"eval: (\d+)/6 samples · arith · ([\d,]+) tokens · (?:[\d,]+|-) tok/s"
+               r"(?: · (\d+)/(\d+) rows \(step (\d+)/(\d+)\))? · \d+:\d\d elapsed · ETA (\S+)")
+    parsed = [re.fullmatch(pattern, line) for line in lines]
+    assert all(parsed), lines
+    during = [m for m in parsed if m.group(1) == "0" and m.group(3)]
+    assert len(during) >= 2 and all(m.group(7) == "?" for m in during)  # within the batch, before it is done
+    tokens = [int(m.group(2).replace(",", "")) for m in parsed]
+    assert tokens == sorted(tokens)
+    done = [m for m in parsed if m.group(1) == "4"]
+    recs = read_ledger(tmp_path / "o")
+    assert len(recs) == 4 and done and int(done[-1].group(2).replace(",", "")) == sum(
+        r["stats"]["response_tokens"] for r in recs)
 
 
 def test_ledger_drops_partial_and_duplicate_lines(tmp_path):

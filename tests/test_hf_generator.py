@@ -331,6 +331,21 @@ def test_stop_token_wins_over_stop_string(qwen_vocab_model, qwen_tok):
     assert out.token_ids == script[:2] and out.stop_string == "a<tool_call>"
 
 
+
+@pytest.mark.parametrize("trailing", ["", "  ", "\t", " \r"])
+def test_coupled_fence_stops_end_the_row_whatever_follows_the_fence(qwen_vocab_model, qwen_tok, trailing):
+    """The coupled protocol's stop strings stop the row at the fence line, spaces or not."""
+    from ihgrpo.rollout.engine import CODE_FENCE_STOPS
+
+    prefix = qwen_tok.encode("```python\n")
+    line = f"print(1)\n```{trailing}\n"
+    script = qwen_tok.encode(line + "More text after the block.")
+    gen = HFGenerator(_ScriptedLM(qwen_vocab_model, len(prefix), script), qwen_tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=len(script), stop_strings=CODE_FENCE_STOPS)
+    (out,) = gen.generate([prefix], params)
+    assert out.finish_reason == "stop_string" and out.token_ids == script[:len(out.token_ids)]
+    assert qwen_tok.decode(out.token_ids) == line  # these tokens end exactly at the newline
+
 # ------------------------------------------------------------------ seeds
 
 
@@ -400,3 +415,59 @@ def test_output_types_and_model_mode(model32):
     assert isinstance(out, GenerationOutput)
     assert all(type(t) is int for t in out.token_ids)
     assert all(type(x) is float for x in out.logprobs)
+
+
+def test_generator_follows_the_model_to_its_device_after_construction(model32):
+    """The trainer builds HFGenerator before accelerate.prepare moves the model (to CUDA); the
+    generator must run where the model is at generate time. CPU stand-in for the move: a model
+    created on the meta device (deferred initialisation) and materialised on the CPU afterwards."""
+    with torch.device("meta"):
+        late = transformers.Qwen3ForCausalLM(model32.config)
+    gen = HFGenerator(late, seed=5)  # built while the model is on "meta"
+    late.load_state_dict(model32.state_dict(), assign=True)  # now on the CPU
+    for name, buf in model32.named_buffers():  # non-persistent buffers (RoPE frequencies)
+        owner, _, leaf = name.rpartition(".")
+        late.get_submodule(owner)._buffers[leaf] = buf.clone()
+    late.eval()
+    assert next(late.parameters()).device.type == "cpu"
+    assert gen.device.type == "cpu"
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=9)
+    got = gen.generate(PREFIXES, params)
+    want = HFGenerator(model32, seed=5).generate(PREFIXES, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.logprobs for o in got] == [o.logprobs for o in want]
+    # The generator's own stream (params without a seed) works after the move too.
+    unseeded = SamplingParams(temperature=1.0, max_new_tokens=12)
+    assert ([o.token_ids for o in gen.generate(PREFIXES, unseeded)]
+            == [o.token_ids for o in HFGenerator(model32, seed=5).generate(PREFIXES, unseeded)])
+
+
+# ------------------------------------------------------------------ progress
+
+
+def test_progress_reports_within_one_generate_call(model32):
+    """`progress` is called during the call, every `progress_every` steps and once at the end,
+    with counts that follow the rows' own lengths and add up to the tokens returned."""
+    events = []
+    gen = HFGenerator(model32)
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7)
+    budgets = [20, 7, 13, 2]
+    plain = gen.generate(PREFIXES, params, budgets)
+    gen.progress, gen.progress_every = events.append, 4
+    # A stop token some row hits early (else every row ends at its budget).
+    stop = plain[0].token_ids[3]
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7, stop_token_ids=(stop,))
+    outs = gen.generate(PREFIXES, params, budgets)
+    assert outs == HFGenerator(model32).generate(PREFIXES, params, budgets)  # reporting changes nothing
+    lengths = [len(o.token_ids) for o in outs]
+    assert lengths[0] == 4 and outs[0].finish_reason == "stop_token"
+
+    steps = [e.step for e in events]
+    assert steps == [4, 8, 12, max(lengths)]  # the last report: when the last row finished
+    for e in events:  # ground truth: row i has min(step, its length) tokens at a given step
+        assert e.tokens == sum(min(e.step, n) for n in lengths)
+        assert e.finished == sum(n <= e.step for n in lengths)
+        assert (e.rows, e.max_steps) == (4, 20)
+    assert all(e.new_tokens >= 0 for e in events)
+    assert sum(e.new_tokens for e in events) == events[-1].tokens == sum(lengths)
+    assert events[0].finished < 4 == events[-1].finished  # reported while rows were still generating

@@ -61,13 +61,13 @@ def model(request) -> torch.nn.Module:
     return _tiny(request.param)
 
 
-def _run(model, kv_cache: str, params: SamplingParams, **kw):
+def _run(model, kv_cache: str, params: SamplingParams, seeds=None, **kw):
     """Generate with `kv_cache`; return the outputs and the caches the calls used."""
     gen = HFGenerator(model, kv_cache=kv_cache, **kw)
     caches = []
     new_cache = gen._new_cache
     gen._new_cache = lambda: caches.append(new_cache()) or caches[-1]
-    outs = gen.generate(PREFIXES, params, max_new_tokens=BUDGETS)
+    outs = gen.generate(PREFIXES, params, max_new_tokens=BUDGETS, seeds=seeds)
     return outs, caches
 
 
@@ -94,6 +94,12 @@ def test_buffer_equals_dynamic(model, params, compact_fraction):
     assert [len(o.token_ids) for o in new] == BUDGETS
     # Rows left the batch: the cache ends with fewer rows than it started with.
     assert new_caches[0].layers[0].rows < len(PREFIXES)
+
+
+def test_buffer_equals_dynamic_with_per_request_seeds(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=40)
+    seeds = [11, 12, 13, 14, 15]
+    _same(_run(model, "dynamic", params, seeds)[0], _run(model, "buffer", params, seeds)[0])
 
 
 def test_buffer_equals_dynamic_across_growth_and_stops(model, monkeypatch):

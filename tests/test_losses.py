@@ -537,3 +537,60 @@ def test_log_z_stable_when_p_execute_near_zero_or_one(dtype):
     x = z.clone().requires_grad_(True)
     loss, _ = ih_grpo_loss(x, labels, torch.tensor([1.0]), torch.ones(1, 4), execute_token_id=E, lam=0.5)
     assert torch.isfinite(loss) and torch.isfinite(_grad(loss, x)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed precision: under autocast the chunked head must compute one function in forward and backward
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_head_under_autocast_matches_autograd_through_the_same_logits(temperature):
+    """fp32 weights under bf16 autocast (model.dtype auto on a GPU; CPU autocast dispatches the same
+    way). Forward builds bf16 logits; a backward that recomputed them in fp32 would take the softmax
+    against a bf16 log-sum-exp and be ~5% off on confident tokens. The reference is plain autograd
+    through the very same bf16 logits; both are also compared with the exact (fp64) gradient."""
+    g = torch.Generator().manual_seed(21)
+    N, H, V = 64, 32, 512
+    hidden = torch.randn(N, H, generator=g)
+    weight = 0.5 * torch.randn(V, H, generator=g)
+    bias = 0.1 * torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    weight[labels] += 6.0 * hidden / hidden.norm(dim=1, keepdim=True)  # confident tokens: p(label) ~ 1
+    labels[::5] = E
+    coef = [torch.randn(N, generator=g) for _ in range(3)]
+
+    def objective(ts):
+        return (ts.logp * coef[0]).sum() + (ts.logp_exec * coef[1]).sum() + (ts.z_exec * coef[2]).sum()
+
+    def grads(stats_fn, dtype=torch.float32, autocast=True):
+        p = [t.to(dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            ts = stats_fn(*p)
+        assert ts.logp.dtype == (F64 if dtype == F64 else torch.float32)
+        return [x.double() for x in torch.autograd.grad(objective(ts), p)]
+
+    chunked = grads(lambda h, w, b: chunked_token_stats(h, w, labels, E, chunk_size=16, lm_head_bias=b,
+                                                        temperature=temperature))
+    through_logits = grads(lambda h, w, b: token_stats_from_logits(F.linear(h, w, b) / temperature, labels, E))
+    exact = grads(lambda h, w, b: token_stats_from_logits(F.linear(h, w, b) / temperature, labels, E),
+                  dtype=F64, autocast=False)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    for c, t, x in zip(chunked, through_logits, exact):
+        assert rel(c, t) < 0.01  # the same function; bf16 rounding of the gradient matmuls aside
+        assert rel(c, x) < 2 * rel(t, x) + 1e-3  # no worse than autograd through bf16 logits
+
+
+def test_chunked_head_without_autocast_is_unchanged_by_the_autocast_path():
+    """Outside autocast the matmuls stay in the weights' dtype (fp32 here): exactly today's result."""
+    g = torch.Generator().manual_seed(22)
+    hidden, weight = torch.randn(10, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (10,), generator=g)
+    ts = chunked_token_stats(hidden, weight, labels, E, chunk_size=3)
+    ref = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(ts.logp, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="share a dtype"):
+        chunked_token_stats(hidden, weight.double(), labels, E)

@@ -19,6 +19,7 @@ from ihgrpo.protocol import (
     CodeBlock,
     Mode,
     TurnEnd,
+    answer_before_execute,
     build_prompt,
     coupled_block_end,
     extract_boxed,
@@ -343,3 +344,80 @@ def test_module_imports_only_stdlib():
         elif isinstance(node, ast.ImportFrom) and node.module:
             mods.add(node.module.split(".")[0])
     assert mods <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+# ----------------------------------------------------------------------------- leniency (issue 13)
+
+def test_closing_fence_right_after_the_last_code_line():
+    text = "Compute.\n```python\nx = 6 * 7\nprint(x)```\nDone."
+    [b] = find_code_blocks(text)
+    assert b.code == "x = 6 * 7\nprint(x)" and text[b.end:] == "Done."
+    assert pending_code("```python\nprint(1)```" + E) == "print(1)"
+    assert pending_code("```python\nprint(1)```  \n" + E) == "print(1)"
+    # A shorter run than the opening fence is content, as for a fence line.
+    assert find_code_blocks("````python\nx = 1```\ny = 2\n````\n")[0].code == "x = 1```\ny = 2"
+    # Backticks that end a line inside a string literal are the string's, not a fence.
+    text = '```python\ns = """abc```\ndef"""\nt = \'x```\'\nprint(s, t)\n```\n'
+    [b] = find_code_blocks(text)
+    assert b.code == 's = """abc```\ndef"""\nt = \'x```\'\nprint(s, t)'
+    # Other languages close the same way, so their content never swallows a python block.
+    assert [b.code for b in find_code_blocks("```text\n42```\n```python\ny = 2\n```\n")] == ["y = 2"]
+
+
+def test_closing_fence_after_code_counts_once_its_line_ends():
+    text = "```python\nprint(2 + 2)```\nThe result follows."
+    stop = text.index("```\nThe") + 4
+    ends = [coupled_block_end(text[:i]) for i in range(len(text) + 1)]
+    assert all(e is None for e in ends[:stop]) and all(e == stop for e in ends[stop:])
+
+
+@pytest.mark.parametrize("line, code", [
+    ("```python print(6 * 7)```", "print(6 * 7)"),
+    ("```py x = 1; print(x)```  ", "x = 1; print(x)"),
+    ("``` python print(1)```", "print(1)"),
+    ("```python s = '```'; print(s)```", "s = '```'; print(s)"),
+])
+def test_one_line_block(line, code):
+    text = f"Check:\n{line}\nSo it is."
+    [b] = find_code_blocks(text)
+    assert b.code == code and text[b.end:] == "So it is."
+    assert pending_code(line + E) == code
+    assert coupled_block_end(line) is None and coupled_block_end(line + "\n") == len(line) + 1
+
+
+@pytest.mark.parametrize("line", [
+    "```python```",                      # no code
+    "```text hello```",                  # not python
+    "```python print(1)``` and more",    # text after the closing run: inline code, not a block
+    "````python print(1)```",            # closing run shorter than the opening one
+    "```python s = '```",                # the run is inside a string literal
+    "x = 1 ```python print(1)```",       # not at the start of a line
+])
+def test_what_is_not_a_one_line_block(line):
+    text = f"{line}\n```python\ny = 2\n```\n"
+    assert [b.code for b in find_code_blocks(text)] == ["y = 2"]
+
+
+def test_uniformly_indented_body_runs_dedented():
+    [b] = find_code_blocks("```python\n    x = 3\n\n    if x:\n        print(x)\n```\n")
+    assert b.code == "x = 3\n\nif x:\n    print(x)"
+    ast.parse(b.code)
+    assert find_code_blocks("```python\n\tx = 1\n\tprint(x)\n```\n")[0].code == "x = 1\nprint(x)"
+    # Not uniformly indented: left alone (a continuation or a mistake is not ours to fix).
+    assert find_code_blocks("```python\nx = (1 +\n     2)\n```\n")[0].code == "x = (1 +\n     2)"
+    assert find_code_blocks("```python\n  x = 1\ny = 2\n```\n")[0].code == "  x = 1\ny = 2"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"So the answer is \boxed{42}." + E, "42"),
+    ("The answer is $\\boxed{\\frac{1}{2}}$.\n" + E + "\n", r"\frac{1}{2}"),
+    (r"\[ \boxed{7} \]" + E, "7"),
+    (r"**\boxed{3}**" + E, "3"),
+    (r"\boxed{42}", "42"),                                   # E already stripped by the caller
+    (r"Maybe \boxed{42}, let me check." + E, None),          # prose after it: not a final answer
+    (r"\boxed{}" + E, None),
+    ("I need to compute this." + E, None),
+    ("```python\nprint(6 * 7)\n```\n" + r"\boxed{42}" + E, None),  # pending code runs first
+])
+def test_answer_before_execute(text, expected):
+    assert answer_before_execute(text) == expected

@@ -332,3 +332,115 @@ def test_engine_with_a_tiny_random_qwen3(tok, pool):
         obs = [r.output for r in t.turns if r.output]
         obs_ids = [x for x, m in zip(t.response_ids, t.mask) if m == 0]
         assert obs_ids == [x for o in obs for x in enc(tok, o)]
+
+
+def test_answer_then_execute_finishes_without_spending_a_turn(tok, pool):
+    turns = [enc(tok, "So the answer is \\boxed{42}.") + [E], enc(tok, "unused") + [EOS]]
+    engine, gen = engine_for(tok, pool, turn_player(tok, turns))
+    [traj] = engine.rollout(["What is 6 times 7?"], 1, PARAMS)
+    assert gen.calls == 1 and len(traj.turns) == 1
+    [turn] = traj.turns
+    assert turn.end is TurnEnd.EXECUTE and turn.code is None and turn.output is None
+    assert traj.finished and not traj.truncated and not traj.void and traj.answer == "42"
+    # E is kept as the policy sampled it (mask 1, its log-prob); no observation follows it.
+    assert traj.response_ids == turns[0] and traj.mask == [1] * len(turns[0])
+    assert traj.logprobs[-1] == scripted_logprob(E, len(traj.prompt_ids) + len(turns[0]) - 1)
+    # Prose after the answer: E still asks for an execution, which finds nothing to run.
+    turns = [enc(tok, "Maybe \\boxed{42}, let me check.") + [E], enc(tok, "\\boxed{42}") + [EOS]]
+    engine, _ = engine_for(tok, pool, turn_player(tok, turns))
+    [traj] = engine.rollout(["q"], 1, PARAMS)
+    assert [t.end for t in traj.turns] == [TurnEnd.EXECUTE, TurnEnd.EOS]
+    assert "nothing" in traj.turns[0].output.lower()
+
+
+@pytest.mark.parametrize("trailing", ["", "  ", "\t", " \r", " " * 6])
+def test_coupled_fence_followed_by_spaces_ends_the_turn(tok, pool, trailing):
+    """Each block runs at its own fence, whatever follows the fence on its line (a few spaces are
+    stop strings; a longer run is cut by the engine after the generator overshoots)."""
+    plan = (f"Set up.\n```python\na = 3\n```{trailing}\nNext.\n```python\nprint(a * 7)\n```{trailing}\n"
+            "So \\boxed{21}")
+
+    def play(rid, prefix):  # noqa: ARG001 -- the plan, continued from what the model has written
+        text = tok.decode(prefix).rsplit("<|im_start|>assistant\n", 1)[-1]
+        text = text.removeprefix("<think>\n\n</think>\n\n")  # the template's non-thinking mode
+        written = re.sub(r"\nCode execution result: .*?\n</tool_call>\n", "", text, flags=re.S)
+        assert plan.startswith(written)
+        return enc(tok, plan[len(written):]) + [EOS]
+
+    engine, _ = engine_for(tok, pool, play, mode="coupled")
+    [traj] = engine.rollout(["q"], 1, PARAMS)
+    assert [t.end for t in traj.turns] == [TurnEnd.CODE_BLOCK, TurnEnd.CODE_BLOCK, TurnEnd.EOS]
+    assert [(t.code, t.blocks_run) for t in traj.turns[:2]] == [("a = 3", 1), ("print(a * 7)", 1)]
+    assert "21" in traj.turns[1].output and traj.answer == "21"
+    assert traj.model_text == plan + "<|im_end|>"
+    assert batch_stats([traj])["delay_call_rate"] == 0.0
+    start = len(traj.prompt_ids)
+    for i, (tid, m, lp) in enumerate(zip(traj.response_ids, traj.mask, traj.logprobs)):
+        assert lp == (scripted_logprob(tid, start + i) if m else 0.0)
+
+
+def test_seeded_trajectories_get_their_own_seed_per_generation_call(tok, pool):
+    """Per-request seeds: the n-th call for a trajectory samples with derive_seed(its seed, n),
+    whatever else shares the round; a round with an unseeded trajectory passes no seeds."""
+    from ihgrpo.rollout import Trajectory, derive_seed
+
+    turns = [enc(tok, DEFER_TWO) + [E], enc(tok, "So the answer is \\boxed{42}.") + [EOS]]
+    engine, gen = engine_for(tok, pool, turn_player(tok, turns))
+    prompt = engine.chat.prompt_ids("What is 6 times 7?")
+    trajs = [Trajectory(uid=f"t{i}", prompt_index=0, sample_index=i, prompt_ids=list(prompt), seed=seed)
+             for i, seed in enumerate((11, 22))]
+    engine.run(trajs, PARAMS)
+    assert all(t.answer == "42" for t in trajs)
+    assert gen.seeds == [[derive_seed(11, 0), derive_seed(22, 0)], [derive_seed(11, 1), derive_seed(22, 1)]]
+    assert len({derive_seed(11, 0), derive_seed(11, 1), derive_seed(22, 0), derive_seed(12, 0)}) == 4
+    engine2, gen2 = engine_for(tok, pool, turn_player(tok, turns))
+    engine2.run([Trajectory(uid="a", prompt_index=0, sample_index=0, prompt_ids=list(prompt), seed=11),
+                 Trajectory(uid="b", prompt_index=0, sample_index=1, prompt_ids=list(prompt))], PARAMS)
+    assert gen2.seeds == [None, None]
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 prefixes"):
+        gen2.generate([[1], [2]], PARAMS, request_ids=["a", "b"], seeds=[5])
+
+
+def test_max_batch_rows_chunks_generation_without_changing_seeded_samples(tok, pool):
+    """rollout.max_batch_rows bounds the rows of one generate call (the KV cache of a lock-step
+    batch); every trajectory is still rolled out, and with a seed each row samples from its own
+    stream, so the chunked run equals the one-call-per-round run token for token."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ihgrpo.rollout import HFGenerator
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
+    model = Qwen3ForCausalLM(cfg).eval()
+    boost = torch.zeros(151936)
+    boost[E] = 11.0  # turns end at E at different lengths: rounds with fewer and fewer live rows
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+
+    class Recording(HFGenerator):
+        def generate(self, prefixes, *a, **k):
+            self.calls.append(len(prefixes))
+            return super().generate(prefixes, *a, **k)
+
+    def run(max_rows):
+        gen = Recording(model, tok, seed=0)
+        gen.calls = []
+        engine = RolloutEngine(gen, tok, pool, RolloutConfig(max_turns=3, max_response_tokens=60,
+                                                             max_tokens_per_turn=16, max_batch_rows=max_rows))
+        trajs = engine.rollout(["What is 2 + 2?", "What is 3 * 5?", "Name a prime."], 3,
+                               SamplingParams(temperature=1.0, seed=5))
+        return trajs, gen.calls
+
+    one_call, calls_one = run(9)  # all 9 trajectories fit one call: one call per round
+    chunked, calls_chunked = run(2)
+    assert max(calls_one) == 9 and max(calls_chunked) == 2
+    assert sum(calls_chunked) == sum(calls_one)  # the same rows, in more calls
+    assert len(calls_chunked) > len(calls_one)
+    assert [t.response_ids for t in chunked] == [t.response_ids for t in one_call]
+    assert [t.mask for t in chunked] == [t.mask for t in one_call]
+    for a, b in zip(chunked, one_call):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert len({tuple(t.response_ids) for t in chunked}) == 9  # rows do not share a stream
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        RolloutConfig(max_batch_rows=0)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ import warnings
 
 import pytest
 
+import ihgrpo.sandbox as sandbox_pkg
 from ihgrpo.sandbox import ExecResult, SandboxError, SandboxPool, SandboxUnavailable
 from ihgrpo.sandbox.isolation import probe_bwrap
 from ihgrpo.sandbox.pool import process_uid_range
@@ -46,8 +48,10 @@ def leftovers(pool: SandboxPool | None = None) -> list[str]:
     """Sandbox processes that are not a live interpreter of `pool`, and zombie children of ours."""
     me = os.getpid()
     live = set(pool.worker_pids()) if pool is not None else set()
+    zygotes = set(pool.zygote_pids()) if pool is not None else set()  # the fork servers: our children
     if MODULE_POOL:  # the module's shared pool may be running beside a test's own pool
         live |= set(MODULE_POOL[0].worker_pids())
+        zygotes |= set(MODULE_POOL[0].zygote_pids())
     stats = {pid: st for pid in _host_pids() if (st := _proc_stat(pid)) is not None}
 
     def owned(pid: int) -> bool:  # a live worker, or a process below one
@@ -66,7 +70,7 @@ def leftovers(pool: SandboxPool | None = None) -> list[str]:
             bad.append(f"{pid} zombie child")
         elif UID_BASE <= uid < UID_END and not owned(pid):
             bad.append(f"{pid} uid={uid} state={state}")
-        elif ppid == me and pid not in live:
+        elif ppid == me and pid not in live | zygotes:
             try:
                 cmd = open(f"/proc/{pid}/cmdline").read()
             except OSError:
@@ -546,3 +550,22 @@ def test_fallback_without_namespaces_still_contains_processes():
         assert pool.execute_sync("f", "while True: pass").timed_out
         assert pool.execute_sync("f", "x").stdout == "3\n"
     assert wait_no_leftovers() == []
+
+
+@pytest.mark.skipif(not os.path.exists(FALLBACK_PY) or os.geteuid() != 0,
+                    reason="needs /usr/bin/python3 and root (only root drops to another uid)")
+def test_fallback_works_from_a_private_checkout(tmp_path):
+    # A checkout inside a 0700 directory: the unprivileged uid the fallback drops to cannot read
+    # the package's files, so nothing it runs may need them.
+    private = tmp_path / "private"
+    shutil.copytree(os.path.dirname(os.path.dirname(sandbox_pkg.__file__)), private / "ihgrpo",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    os.chmod(private, 0o700)
+    script = ("import warnings\nfrom ihgrpo.sandbox import SandboxPool\n"
+              "warnings.simplefilter('ignore')\n"
+              f"with SandboxPool(max_workers=1, warm=0, isolation='none', python={FALLBACK_PY!r}) as p:\n"
+              "    r = p.execute_sync('s', 'import os\\nprint(6 * 7, os.getuid() != 0)')\n"
+              "    print(repr(r.stdout), repr(r.error))\n")
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(private)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "'42 True\\n' ''", out.stdout + out.stderr[-2000:]

@@ -148,6 +148,9 @@ def test_two_processes_average_gradients_like_one(tmp_path):
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    # Warm-up over 4 steps: one step done -> 2/4 of the base rate, on 1 process as on 2 (a scheduler
+    # prepared by accelerate steps once per process per call: warm-up N times too fast).
+    assert a["lr"] == b["lr"] == pytest.approx(0.01 * 2 / 4)
     assert a["grads"] and a["grads"].keys() == b["grads"].keys()
     for k in a["grads"]:  # the averaged gradient itself (Adam's first step only shows its sign)
         torch.testing.assert_close(b["grads"][k], a["grads"][k], rtol=1e-4, atol=1e-7)
@@ -165,3 +168,70 @@ def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "qwen3-1.7b", f"model.path={tmp_path}/no-model", f"data.train={data}"]) == 2
     err = capsys.readouterr().err
     assert "no-model" in err and "does not exist" in err and err.count("\n") == 1
+
+
+def _launch_two(script: str, *args: str) -> list[subprocess.Popen]:
+    """Two processes of a gloo job in one new process group (one SIGKILL of the group kills the job);
+    the environment torchrun would set, without torchrun's per-worker sessions."""
+    port = str(_free_port())
+    procs: list[subprocess.Popen] = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        group = {"process_group": 0 if rank == 0 else procs[0].pid}
+        procs.append(subprocess.Popen([PY, script, *args], env=env, **group))
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    """Both exit 0; a job that hangs (ranks out of step in a collective) is killed and fails."""
+    try:
+        for p in procs:
+            assert p.wait(timeout=timeout) == 0
+    finally:
+        _kill(procs)
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    if any(p.poll() is None for p in procs):
+        os.killpg(procs[0].pid, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+def test_two_processes_dynamic_sampling_share_prompts_and_resume_after_sigkill(tmp_path):
+    """Dynamic sampling on 2 processes: ranks keep different numbers of groups per round (every third
+    prompt has no signal), yet (a) no prompt is rolled out on both ranks in a step, and (b) a job
+    SIGKILLed after its 2nd checkpoint resumes into exactly the uninterrupted run's metrics."""
+    script = str(HERE / "train_script.py")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _wait_all(_launch_two(script, str(full), "3", "0", "dynamic"))
+
+    by_rank = []
+    for rank in range(2):
+        steps: dict[int, list[str]] = {}
+        for line in (full / f"prompts-rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault(rec["step"], []).extend(rec["questions"])
+        by_rank.append(steps)
+    assert sorted(by_rank[0]) == sorted(by_rank[1]) == [0, 1, 2]
+    for step in range(3):
+        a, b = by_rank[0][step], by_rank[1][step]
+        assert len(a) == len(set(a)) and len(b) == len(set(b))
+        assert not set(a) & set(b), f"step {step}: prompts rolled out on both ranks: {set(a) & set(b)}"
+    assert any(len(by_rank[0][s]) + len(by_rank[1][s]) > 4 for s in range(3))  # oversampling rounds happened
+    assert all(len(by_rank[0][s]) == len(by_rank[1][s]) for s in range(3))  # one block size for all ranks
+
+    procs = _launch_two(script, str(killed), "3", "0", "dynamic")
+    target = killed / "checkpoints" / "step-00000002"
+    deadline = time.monotonic() + 240
+    while not target.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill(procs)
+    assert target.exists(), "the run ended before its second checkpoint"
+    assert not (killed / "checkpoints" / "step-00000003").exists()
+    _wait_all(_launch_two(script, str(killed), "3", "1", "dynamic"))
+    a = (full / "metrics.jsonl").read_text().splitlines()
+    b = (killed / "metrics.jsonl").read_text().splitlines()
+    assert len(a) == 3
+    assert _strip_time(a) == _strip_time(b)

@@ -1,9 +1,10 @@
 """Command line: `ihgrpo train | eval | demo`.
 
     ihgrpo train CONFIG [key=value ...]   CONFIG: a YAML path or a packaged name (qwen3-1.7b, ...)
-    ihgrpo eval --model PATH --benchmark SPEC ... --out DIR
-    ihgrpo demo [--out DIR]               the embedded main job
+    ihgrpo eval --model PATH --benchmark SPEC ... --out DIR [key=value ...]
+    ihgrpo demo [--out DIR] [key=value ...]   the embedded main job
 
+Options and key=value settings may come in any order.
 Configuration, data and model errors print one line and exit with status 2.
 """
 
@@ -14,14 +15,17 @@ import logging
 import os
 import sys
 
+import ihgrpo.demo  # noqa: F401  (the wiring: registers the demo's named sources, e.g. model.path: demo)
+
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     from ihgrpo.config import ConfigError
     from ihgrpo.data import DataError
+    from ihgrpo.rollout.vllm import BackendUnavailable
     from ihgrpo.sandbox import SandboxUnavailable
-    from ihgrpo.trainer import ModelLoadError
+    from ihgrpo.models import ModelLoadError
 
-    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable)
+    return (ConfigError, DataError, ModelLoadError, SandboxUnavailable, BackendUnavailable)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -42,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ihgrpo.evaluate import cmd_eval as run
+    from ihgrpo.eval.cli import cmd_eval as run
 
     return run(args)
 
@@ -69,6 +73,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
+           argv: list[str] | None) -> argparse.Namespace:
+    """Options and ``key=value`` settings in any order: argparse hands back the settings that
+    follow an option as unrecognized, so they join the overrides in the order given; any other
+    leftover is an error (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(bad)} (settings are written key=value)")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ihgrpo", description="IH-GRPO: train and evaluate "
                                      "language models that reason with deferred code execution.")
@@ -76,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="RL training (GRPO / IH-GRPO)")
     train.add_argument("config", help="a YAML path or a packaged config name")
     train.add_argument("overrides", nargs="*", help="key=value overrides (e.g. algo.lam=0 max_steps=10)")
-    from ihgrpo.evaluate import add_eval_arguments
+    from ihgrpo.eval.cli import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="evaluate a model on benchmarks (avg@k, pass@k)"))
     demo = sub.add_parser("demo", help="run the embedded main job: a tiny model learns delayed tool use")
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--walkthrough", action="store_true",
                       help="only the scripted protocol walkthrough (no training; seconds)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the RL stage (configs/demo.yaml)")
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub.choices, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
     try:

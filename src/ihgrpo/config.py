@@ -1,10 +1,17 @@
 """Typed configuration: dataclasses <- YAML file <- `key=value` overrides.
 
     cfg = load_config("configs/qwen3-1.7b.yaml", ["algo.lam=0", "max_steps=10"])
+    ecfg = load_eval_config(None, ["rollout.top_p=0.9", "eval.k=4"])   # `ihgrpo eval`
 
 Unknown keys and bad values raise ConfigError, whose one-line message names the key; the CLI
 turns it into exit status 2. The standard keys are top-level: `max_steps`, `save_every`,
 `seed`, `output_dir`, `resume`; the rest live in sections (`algo.lam=0`, `rollout.max_turns=4`).
+Training (:class:`TrainConfig`) and evaluation (:class:`EvalConfig`) share the `model` and
+`rollout` sections (the rollout section also holds the sandbox settings).
+
+An override's value is read as YAML (`[0.8, 0.9]`, `true`, `1e-3`), except that a text field
+takes the text as written (`rollout.instruction=Answer: \\boxed{}`) and an optional field takes
+`none` or `null` as None.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -63,6 +71,43 @@ class RolloutSection:
     sandbox_memory_mb: int = 1024
     sandbox_isolation: Literal["auto", "bwrap", "none"] = "auto"
     straggler_wait_s: float | None = None  # None: deterministic rounds (see RolloutConfig)
+    # Rows (trajectories) per generate call: bounds the rollout's KV cache (rows x tokens); a step
+    # still rolls out every trajectory, in chunks. None: all of a round's live trajectories at once.
+    max_batch_rows: int | None = None
+    # hf: the trainer's module; vllm: a vLLM engine (pip install 'ihgrpo[vllm]'); auto: vllm when it is
+    # installed and a GPU is present, else hf
+    backend: Literal["hf", "vllm", "auto"] = "hf"
+    vllm_gpu_memory_utilization: float = 0.3  # the engine's share of the GPU (weights + KV cache)
+    vllm_max_model_len: int | None = None  # None: the model's context length
+    vllm_sleep_level: int = 2  # during the update: 2 frees weights and KV cache, 1 keeps weights on CPU, 0 never
+
+    # The one place that turns the section into the engine's objects (callers copy no fields).
+    def rollout_config(self):
+        """The engine's RolloutConfig (a ValueError for a value the engine rejects)."""
+        from ihgrpo.rollout import RolloutConfig
+
+        return RolloutConfig(
+            mode=self.mode, max_turns=self.max_turns, max_response_tokens=self.max_response_tokens,
+            max_tokens_per_turn=self.max_tokens_per_turn, max_observation_tokens=self.max_observation_tokens,
+            exec_timeout_s=self.exec_timeout_s, straggler_wait_s=self.straggler_wait_s,
+            execute_token=self.execute_token, instruction=self.instruction, enable_thinking=self.enable_thinking,
+            max_batch_rows=self.max_batch_rows)
+
+    def sampling_params(self, **changes):
+        """SamplingParams of one turn (temperature, top_p, top_k, the per-turn budget) with ``changes``."""
+        from ihgrpo.rollout import SamplingParams
+
+        kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                  max_new_tokens=self.max_tokens_per_turn or self.max_response_tokens)
+        kw.update(changes)
+        return SamplingParams(**kw)
+
+    def sandbox_pool(self):
+        """A SandboxPool with this section's workers, timeout, memory cap and isolation."""
+        from ihgrpo.sandbox import SandboxPool
+
+        return SandboxPool(max_workers=self.sandbox_workers, timeout_s=self.exec_timeout_s,
+                           memory_mb=self.sandbox_memory_mb, isolation=self.sandbox_isolation)
 
 
 @dataclass
@@ -83,6 +128,10 @@ class AlgoConfig:
     mask_truncated: bool = False  # drop truncated trajectories from the gradient
     reward: Literal["math_verify", "exact"] = "math_verify"
     reward_timeout_s: float = 5.0
+    # importance sampling against the generator's log-probs: tis multiplies each token's loss by
+    # min(exp(logp_old - logp_rollout), rollout_is_cap); the mismatch is logged every step either way
+    rollout_is: Literal["none", "tis"] = "none"
+    rollout_is_cap: float = 2.0
 
 
 @dataclass
@@ -120,6 +169,41 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+    # Before the first step, refuse (exit 2) when the memory estimate exceeds the GPU's free memory.
+    check_memory: bool = True
+
+
+@dataclass
+class EvalSection:
+    k: int | None = None  # samples per problem; None: per benchmark (8, or 32 for aime24/25, amc23, hmmt25)
+    limit: int | None = None  # only the first N problems of each benchmark
+    batch_size: int = 32  # trajectories per generation batch
+    data_dir: str = "../shared/data/math"  # where the paper's benchmark files are
+    device: str = "auto"  # auto: cuda when available
+    reward_timeout_s: float = 5.0
+    viewer_samples: int = 4  # trajectories per benchmark in rollouts.html
+
+
+def _eval_rollout() -> RolloutSection:
+    return RolloutSection(top_p=0.7, backend="auto", vllm_gpu_memory_utilization=0.9)
+
+
+@dataclass
+class EvalConfig:
+    """`ihgrpo eval`: the model and rollout sections of training, plus `eval:`.
+
+    Defaults that differ from training: ``rollout.top_p`` 0.7 (the paper's evaluation; the
+    release's configured value, which its own evaluation silently dropped); ``rollout.backend``
+    auto (vLLM when installed and a GPU is present) with ``rollout.vllm_gpu_memory_utilization`` 0.9
+    (the engine has the GPU to itself). ``rollout.group_size``
+    is unused (``eval.k`` is the number of samples per problem). ``model.dtype: auto`` is
+    bfloat16 on a GPU, float32 on CPU.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutSection = field(default_factory=_eval_rollout)
+    eval: EvalSection = field(default_factory=EvalSection)
+    seed: int = 0
 
 
 # ----------------------------------------------------------------------------- loading
@@ -199,20 +283,48 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 SECTIONS = ("model", "data", "rollout", "algo", "optim", "log")
 
 
-def _override(cfg: TrainConfig, item: str) -> None:
+def _field_type(cfg: Any, parts: list[str]) -> Any:
+    """The type of the leaf field `parts` names, or None (not a leaf: `_apply` says why)."""
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return None
+        if i == len(parts) - 1:
+            return None if dataclasses.is_dataclass(getattr(obj, part)) else _hints(type(obj))[part]
+        obj = getattr(obj, part)
+    return None
+
+
+def _parse_value(tp: Any, raw: str) -> Any:
+    args = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else ()
+    if type(None) in args and raw.strip().lower() in ("none", "null", "~"):
+        return None
+    if tp is str or (args and str in args):
+        return raw  # text as written (YAML would read "a: b" as a mapping and strip quotes)
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _override(cfg: Any, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    data: Any = value
+    parts = key.strip().split(".")
+    data: Any = _parse_value(_field_type(cfg, parts), raw)
     for part in reversed(parts):
         data = {part: data}
     _apply(cfg, data)
+
+
+def _apply_dotted(cfg: Any, values: dict[str, Any]) -> None:
+    """Applies {"rollout.max_turns": 4, ...} (typed values, checked like a YAML file's)."""
+    for key, value in values.items():
+        data: Any = value
+        for part in reversed(key.split(".")):
+            data = {part: data}
+        _apply(cfg, data)
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -229,8 +341,11 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"no config {name_or_path!r}: not a file, nor a packaged config ({', '.join(names)})")
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    cfg = TrainConfig()
+def _load(cfg: Any, name_or_path: str | None, overrides, defaults: dict[str, Any] | None = None) -> Any:
+    """Layers, lowest first: the dataclass defaults, `defaults` (e.g. a benchmark's own), the
+    YAML file, the `key=value` overrides."""
+    if defaults:
+        _apply_dotted(cfg, defaults)
     if name_or_path:
         path = resolve_config_path(name_or_path)
         try:
@@ -240,30 +355,133 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
         _apply(cfg, data)
     for item in overrides:
         _override(cfg, item)
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    cfg = _load(TrainConfig(), name_or_path, overrides)
     validate(cfg)
     return cfg
 
 
+def _rollout_checks(r: RolloutSection) -> list[tuple[bool, str]]:
+    """Checks of the rollout section that training and evaluation share."""
+    return [
+        (r.max_turns >= 1, f"rollout.max_turns: must be >= 1, got {r.max_turns}"),
+        (0 < r.top_p <= 1, f"rollout.top_p: must be in (0, 1], got {r.top_p}"),
+        (r.top_k >= 0, f"rollout.top_k: must be >= 0, got {r.top_k}"),
+        (r.max_response_tokens >= 1, f"rollout.max_response_tokens: must be >= 1, got {r.max_response_tokens}"),
+        (r.max_tokens_per_turn is None or r.max_tokens_per_turn >= 1,
+         f"rollout.max_tokens_per_turn: must be >= 1 (or none), got {r.max_tokens_per_turn}"),
+        (r.max_observation_tokens >= 1,
+         f"rollout.max_observation_tokens: must be >= 1, got {r.max_observation_tokens}"),
+        (r.exec_timeout_s > 0, f"rollout.exec_timeout_s: must be > 0, got {r.exec_timeout_s}"),
+        (r.sandbox_workers >= 1, f"rollout.sandbox_workers: must be >= 1, got {r.sandbox_workers}"),
+        (r.max_batch_rows is None or r.max_batch_rows >= 1,
+         f"rollout.max_batch_rows: must be >= 1 (or none), got {r.max_batch_rows}"),
+        (0 < r.vllm_gpu_memory_utilization <= 1,
+         f"rollout.vllm_gpu_memory_utilization: must be in (0, 1], got {r.vllm_gpu_memory_utilization}"),
+        (r.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level: must be 0, 1 or 2, got {r.vllm_sleep_level}"),
+    ]
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
 def validate(cfg: TrainConfig) -> None:
-    checks = [
+    _check([
         (cfg.rollout.group_size >= 2, "rollout.group_size: GRPO needs at least 2 rollouts per prompt"),
         (cfg.prompts_per_step >= 1, "prompts_per_step: must be >= 1"),
         (cfg.max_steps >= 0, "max_steps: must be >= 0"),
         (cfg.save_every >= 1, "save_every: must be >= 1"),
-        (cfg.rollout.max_turns >= 1, "rollout.max_turns: must be >= 1"),
         (cfg.rollout.temperature > 0, "rollout.temperature: must be > 0 for RL sampling"),
-        (0 < cfg.rollout.top_p <= 1, "rollout.top_p: must be in (0, 1]"),
+        *_rollout_checks(cfg.rollout),
         (cfg.algo.oversample >= 1, "algo.oversample: must be >= 1"),
         (0 <= cfg.algo.clip_low < 1 and cfg.algo.clip_high >= 0, "algo.clip_low/clip_high: bad range"),
         (cfg.algo.dual_clip > 1, "algo.dual_clip: must be > 1"),
         (cfg.algo.lam >= 0, "algo.lam: must be >= 0"),
+        (cfg.algo.rollout_is_cap >= 1, "algo.rollout_is_cap: must be >= 1 (a cap below 1 down-weights every token)"),
         (cfg.optim.lr > 0, "optim.lr: must be > 0"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1"),
         (cfg.optim.updates_per_step >= 1, "optim.updates_per_step: must be >= 1"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    ])
+
+
+# ----------------------------------------------------------------------------- evaluation
+# `ihgrpo eval` also takes a setting by its bare name (`temperature=0.6`, `k=4`): the field of
+# that name in eval, rollout or model; `model` is model.path and `protocol` rollout.mode.
+_EVAL_ALIASES = {"batch": "batch_size", "workers": "sandbox_workers", "mode": "protocol", "model_path": "model"}
+
+
+def _eval_keys() -> dict[str, str]:
+    keys = {"model": "model.path", "protocol": "rollout.mode", "seed": "seed"}
+    for section, cls in (("model", ModelConfig), ("rollout", RolloutSection), ("eval", EvalSection)):
+        for f in dataclasses.fields(cls):
+            keys.setdefault(f.name, f"{section}.{f.name}")
+    keys.pop("path")
+    return keys
+
+
+EVAL_KEYS = _eval_keys()
+
+
+def eval_key(key: str) -> str:
+    """The dotted key of an evaluation setting given by its dotted or bare name."""
+    key = key.strip()
+    if "." in key:
+        return key
+    key = key.replace("-", "_")
+    if key in _EVAL_ALIASES:
+        new = _EVAL_ALIASES[key]
+        warnings.warn(f"ihgrpo eval: the setting name {key!r} is deprecated; use {new!r}", FutureWarning,
+                      stacklevel=3)
+        key = new
+    if key not in EVAL_KEYS:
+        close = [n for n in EVAL_KEYS if n.startswith(key[:3])]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    return EVAL_KEYS[key]
+
+
+def load_eval_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                     defaults: dict[str, Any] | None = None) -> EvalConfig:
+    """An EvalConfig: the dataclass defaults <- `defaults` (a benchmark's own, dotted keys) <- the
+    YAML file <- the `key=value` overrides (dotted or bare names)."""
+    items = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        items.append(f"{eval_key(key)}={raw}")
+    cfg = _load(EvalConfig(), name_or_path, items, defaults)
+    cfg.sources = (name_or_path, tuple(items))  # type: ignore[attr-defined]
+    validate_eval(cfg)
+    return cfg
+
+
+def with_defaults(cfg: EvalConfig, defaults: dict[str, Any]) -> EvalConfig:
+    """`cfg` with a benchmark's `defaults` as a layer under the user's settings. A config built in
+    code (not by :func:`load_eval_config`) has no recorded layers: it is used as it is."""
+    sources = getattr(cfg, "sources", None)
+    if not defaults or sources is None:
+        return cfg
+    return load_eval_config(sources[0], sources[1], defaults=defaults)
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    e, r = cfg.eval, cfg.rollout
+    _check([
+        (r.temperature >= 0, f"rollout.temperature: must be >= 0, got {r.temperature}"),
+        *_rollout_checks(r),
+        (e.k is None or e.k >= 1, f"eval.k: must be >= 1, got {e.k}"),
+        (e.limit is None or e.limit >= 1, f"eval.limit: must be >= 1, got {e.limit}"),
+        (e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}"),
+        (e.reward_timeout_s > 0, f"eval.reward_timeout_s: must be > 0, got {e.reward_timeout_s}"),
+        (e.viewer_samples >= 0, f"eval.viewer_samples: must be >= 0, got {e.viewer_samples}"),
+    ])
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Question/answer data: verl-style parquet, JSONL, Hugging Face datasets, the demo task.
+"""Question/answer data: verl-style parquet, JSONL, Hugging Face datasets, registered sources.
 
 Every loader returns `Example`s and rejects bad rows with a DataError whose one-line message
 names the file and the row: a silent wrong answer is worse than a stop.
@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+from ihgrpo import registry
 
 
 class DataError(ValueError):
@@ -100,13 +102,13 @@ def read_rows(path: Path) -> Iterable[tuple[str, Any]]:
 
 def load_examples(spec: str, *, question_key: str = "question", answer_key: str = "answer",
                   split: str = "train", limit: int | None = None) -> list[Example]:
-    """Loads a dataset: a .parquet / .jsonl / .json path, "demo", or a Hugging Face dataset name."""
+    """Loads a dataset: a registered name (``demo``), a .parquet / .jsonl / .json path, or a
+    Hugging Face dataset name."""
     if not spec:
         raise DataError("no dataset given (data.train)")
-    if spec in ("demo", "demo:train", "demo:heldout"):
-        from ihgrpo.demo.pipeline import demo_examples
-
-        return demo_examples("heldout" if spec.endswith("heldout") else "train", limit=limit)
+    loader = registry.lookup("dataset", spec)
+    if loader is not None:  # a named source, e.g. "demo", registered by the demo package
+        return loader(spec, limit=limit)
     path = Path(spec)
     examples: list[Example] = []
     if path.suffix in (".parquet", ".jsonl", ".json") or path.exists():

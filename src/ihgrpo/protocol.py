@@ -6,6 +6,10 @@ text (never observations) and gets back what to run, what to show, and what to d
 Delayed protocol ("D"): ```python blocks stay pending until the execute token E; then every
 pending block of the window (text since the previous execution) runs, joined in order.
 Coupled protocol ("C"): a turn ends at a python block's closing fence and that block runs at once.
+
+Models do not always write fences by the book; what else counts is listed in find_code_blocks
+(a closing run right after the code, one-line blocks, uniformly indented bodies). E right after
+a final ``\boxed{...}`` with nothing pending ends the trajectory (answer_before_execute).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Iterator
 __all__ = [
     "EXECUTE_TOKEN", "OBSERVATION_PREFIX", "OBSERVATION_SUFFIX", "PYTHON_TAGS", "Mode", "TurnEnd",
     "CodeBlock", "find_code_blocks", "pending_code", "coupled_block_end", "truncate_middle",
-    "format_observation", "extract_boxed", "is_void", "next_action",
+    "format_observation", "extract_boxed", "answer_before_execute", "is_void", "next_action",
     "DEFAULT_DELAYED_INSTRUCTION", "DEFAULT_COUPLED_INSTRUCTION", "build_prompt",
     "NOTHING_PENDING_MESSAGE", "NO_OUTPUT_MESSAGE", "TIMEOUT_MESSAGE", "STATE_LOST_MESSAGE",
 ]
@@ -67,6 +71,10 @@ class CodeBlock:
 # of at least as many backticks with nothing but spaces after it. Tilde fences are not recognised.
 _OPEN_RE = re.compile(r" {0,3}(`{3,})([^`]*)")
 _CLOSE_RE = re.compile(r" {0,3}(`{3,})[ \t]*")
+# Leniency for what models write (documented in find_code_blocks): a closing run right after the
+# last code line, and a whole block on one line.
+_TRAILING_CLOSE_RE = re.compile(r"(`{3,})[ \t]*\Z")
+_ONE_LINE_RE = re.compile(r" {0,3}(`{3,})[ \t]*([^`\s]+)[ \t]+(.*?[^`\s].*?)(`{3,})[ \t]*")
 
 
 def _lines(text: str) -> Iterator[tuple[int, str, int, bool]]:
@@ -81,6 +89,62 @@ def _lines(text: str) -> Iterator[tuple[int, str, int, bool]]:
         pos = nl + 1
 
 
+def _open_quote(code: str, quote: str | None = None) -> str | None:
+    """The quote of the Python string literal still open at the end of ``code`` (None: none),
+    starting inside ``quote``. Knows quotes, triple quotes, backslash escapes and comments: enough
+    to tell a closing fence from backticks inside a string."""
+    i, n = 0, len(code)
+    while i < n:
+        c = code[i]
+        if quote:
+            if c == "\\":
+                i += 2
+                continue
+            if code.startswith(quote, i):
+                i, quote = i + len(quote), None
+                continue
+        elif c == "#":
+            return None
+        elif c in "'\"":
+            quote = c * 3 if code.startswith(c * 3, i) else c
+            i += len(quote)
+            continue
+        i += 1
+    return quote
+
+
+def _after_line(line: str, quote: str | None) -> str | None:
+    """The open string literal carried to the next line: a triple-quoted one, or a single-quoted
+    one continued by a backslash."""
+    q = _open_quote(line, quote)
+    return q if q and (len(q) == 3 or line.endswith("\\")) else None
+
+
+def _dedent(lines: list[str]) -> list[str]:
+    """Remove the indentation every non-blank line shares (models often indent a whole body
+    under a column-0 fence, which Python rejects as "unexpected indent"). A body that is not
+    uniformly indented is returned as is."""
+    body = [ln for ln in lines if ln.strip()]
+    if not body or not body[0][:1].isspace():
+        return lines
+    margin = body[0][:len(body[0]) - len(body[0].lstrip())]
+    for ln in body[1:]:
+        while not ln.startswith(margin):
+            margin = margin[:-1]
+    if not margin:
+        return lines
+    return [ln[len(margin):] if ln.strip() else "" for ln in lines]
+
+
+def _one_line_block(line: str) -> str | None:
+    """The code of a whole python block written on one line (```` ```python print(1)``` ````)."""
+    m = _ONE_LINE_RE.fullmatch(line)
+    if (m is None or m.group(2).lower() not in PYTHON_TAGS or len(m.group(4)) < len(m.group(1))
+            or _open_quote(m.group(3)) is not None):
+        return None
+    return m.group(3).strip()
+
+
 def _iter_blocks(text: str, *, final: bool) -> Iterator[CodeBlock]:
     """Scan closed python blocks. With ``final=False`` the text is still growing, so a closing
     fence on the last line counts only once its newline exists (it could still become ````` or
@@ -88,26 +152,40 @@ def _iter_blocks(text: str, *, final: bool) -> Iterator[CodeBlock]:
     ticks = 0                 # backticks of the open fence; 0 = outside any block
     python = False
     indent = start = 0
+    quote: str | None = None  # the string literal open in the python body so far
     body: list[str] = []
     for line_start, line, line_end, has_nl in _lines(text):
+        complete = has_nl or final
         if not ticks:
             m = _OPEN_RE.fullmatch(line)
             if m:
                 info = m.group(2).split()
-                ticks, start, body = len(m.group(1)), line_start, []
+                ticks, start, body, quote = len(m.group(1)), line_start, [], None
                 python = bool(info) and info[0].lower() in PYTHON_TAGS
                 indent = len(line) - len(line.lstrip(" "))
+            elif complete and (code := _one_line_block(line)) is not None:
+                yield CodeBlock(code, line_start, line_end)
             continue
         m = _CLOSE_RE.fullmatch(line)
-        if m and len(m.group(1)) >= ticks and (has_nl or final):
+        if m and len(m.group(1)) >= ticks and complete:
             if python:
-                yield CodeBlock("\n".join(body).rstrip("\n"), start, line_end)
+                yield CodeBlock("\n".join(_dedent(body)).rstrip("\n"), start, line_end)
+            ticks = 0
+            continue
+        # CommonMark removes the opening fence's indentation from content lines; without this
+        # an indented fence (e.g. in a list) would give Python an IndentationError.
+        stripped = len(line) - len(line.lstrip(" "))
+        content = line[min(indent, stripped):]
+        m = _TRAILING_CLOSE_RE.search(content)
+        if (m and complete and len(m.group(1)) >= ticks and content[:m.start()].strip()
+                and not (python and _open_quote(content[:m.start()], quote))):
+            if python:
+                body.append(content[:m.start()].rstrip())
+                yield CodeBlock("\n".join(_dedent(body)).rstrip("\n"), start, line_end)
             ticks = 0
         elif python:
-            # CommonMark removes the opening fence's indentation from content lines; without this
-            # an indented fence (e.g. in a list) would give Python an IndentationError.
-            stripped = len(line) - len(line.lstrip(" "))
-            body.append(line[min(indent, stripped):])
+            body.append(content)
+            quote = _after_line(content, quote)
 
 
 def find_code_blocks(text: str) -> list[CodeBlock]:
@@ -118,6 +196,17 @@ def find_code_blocks(text: str) -> list[CodeBlock]:
     are skipped whole: a ```` ```python ```` line inside them is content. An unterminated block
     is not returned: half-written code never runs. A closing fence on the last line needs no
     newline, since the text is complete.
+
+    Lenient forms, as models write them:
+
+    * a closing run right after the last code line (```` print(x)``` ````) closes the block, in
+      any language, when the run is at least as long as the opening one and ends its line (spaces
+      aside); in a python block, not when the backticks are inside a string literal;
+    * a whole block on one line closes too: ```` ```python print(1)``` ```` -- a python tag, a
+      space, code, a closing run at least as long as the opening one that ends the line, and no
+      string literal left open before it. Text after the run makes it inline code, not a block;
+    * a body whose non-blank lines all share some indentation runs dedented (Python would reject
+      it with "unexpected indent"; a body that is not uniformly indented is left as written).
     """
     return list(_iter_blocks(text, final=True))
 
@@ -129,10 +218,12 @@ def pending_blocks(window_text: str, *, execute_token: str = EXECUTE_TOKEN) -> l
     A trailing execute token is ignored, so ```` ```<tool_call> ```` still closes the block whether
     or not the caller included E in the text. Blank blocks are dropped.
     """
+    return [b.code for b in find_code_blocks(_strip_execute(window_text, execute_token)) if b.code.strip()]
+
+
+def _strip_execute(window_text: str, execute_token: str) -> str:
     text = window_text.rstrip()
-    if execute_token and text.endswith(execute_token):
-        text = text[: -len(execute_token)]
-    return [b.code for b in find_code_blocks(text) if b.code.strip()]
+    return text[: -len(execute_token)] if execute_token and text.endswith(execute_token) else text
 
 
 def pending_code(window_text: str, *, execute_token: str = EXECUTE_TOKEN) -> str | None:
@@ -234,6 +325,24 @@ def _braced(text: str, open_pos: int) -> str | None:
     return None
 
 
+def _boxed(text: str) -> Iterator[tuple[str, int]]:
+    """(stripped content, end offset) of each complete, non-empty ``\\boxed``, last one first."""
+    for m in reversed(list(_BOXED_RE.finditer(text))):
+        rest = text[m.end():]
+        after = rest.lstrip(" \t")
+        at = len(text) - len(after)
+        if after.startswith("{"):
+            content = _braced(text, at)
+            end = at + len(content) + 2 if content is not None else at
+        elif len(after) < len(rest):  # "\boxed 5": one token, up to whitespace or "$"
+            content = re.match(r"[^\s$]*", after).group(0)
+            end = at + len(content)
+        else:
+            content = None
+        if content is not None and content.strip():
+            yield content.strip(), end
+
+
 def extract_boxed(text: str) -> str | None:
     """Stripped content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``).
 
@@ -241,18 +350,29 @@ def extract_boxed(text: str) -> str | None:
     Every occurrence in the given text counts, inside code blocks too: callers pass the model's
     own text, so a ``\\boxed`` that only appears in an observation (printed output) never counts.
     """
-    for m in reversed(list(_BOXED_RE.finditer(text))):
-        rest = text[m.end():]
-        after = rest.lstrip(" \t")
-        if after.startswith("{"):
-            content = _braced(text, len(text) - len(after))
-        elif len(after) < len(rest):  # "\boxed 5": one token, up to whitespace or "$"
-            content = re.match(r"[^\s$]*", after).group(0)
-        else:
-            content = None
-        if content is not None and content.strip():
-            return content.strip()
-    return None
+    return next((content for content, _ in _boxed(text)), None)
+
+
+# What may follow a final answer: whitespace, closing math delimiters, punctuation, bold.
+_ANSWER_TAIL_RE = re.compile(r"(?:\s|[$.!*)\]]|\\[\])])*")
+
+
+def answer_before_execute(window_text: str, *, execute_token: str = EXECUTE_TOKEN) -> str | None:
+    """The final answer when E closes an answer rather than asks to run code, else None.
+
+    Some models end with ``... \\boxed{42}.`` then E, using E as a stop. When nothing is pending
+    and the window (the model's text since the previous execution; a trailing E is ignored) ends
+    with a complete ``\\boxed{...}`` -- only whitespace, closing ``$``/``\\]``/``\\)``, ``.``, ``!``
+    or ``**`` after it -- the trajectory is finished instead of getting a "nothing was run"
+    observation and spending a turn. Text after the answer ("let me check") keeps today's rule.
+    """
+    text = _strip_execute(window_text, execute_token)
+    if pending_blocks(text, execute_token=execute_token):
+        return None
+    last = next(_boxed(text), None)
+    if last is None or not _ANSWER_TAIL_RE.fullmatch(text, last[1]):
+        return None
+    return last[0]
 
 
 def is_void(model_text: str, finished_by_eos: bool) -> bool:

@@ -31,42 +31,16 @@ from torch import nn
 from ihgrpo.config import ConfigError, TrainConfig, dump_config
 from ihgrpo.data import Example, PromptSampler, load_examples
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
-from ihgrpo.rollout import RolloutConfig, RolloutEngine, SamplingParams, Trajectory, batch_stats
-from ihgrpo.rollout.hf import HFGenerator
-from ihgrpo.sandbox import SandboxPool
+from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
+from ihgrpo.precision import precision_policy
+from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
+from ihgrpo.rollout.backends import make_generator, vllm_options
+from ihgrpo.utils import fsync_dir
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
-    """The model or tokenizer cannot be loaded; the message names the path."""
-
-
 # ----------------------------------------------------------------------------- model
-def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
-                             attn_implementation: str | None = None):
-    """A causal LM and its tokenizer from a local directory or a Hugging Face name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not path:
-        raise ModelLoadError("no model given (model.path)")
-    local = os.path.exists(path)
-    if not local and (path.startswith(("/", ".", "~")) or os.sep + os.sep in path or path.count("/") > 1):
-        raise ModelLoadError(f"model path {path!r} does not exist")
-    torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    kw = {"trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kw)
-    except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
-        where = "local directory" if local else "model (not a local directory; the hub is needed)"
-        raise ModelLoadError(f"cannot load {where} {path!r}: {str(exc).splitlines()[0][:200]}") from None
-    return model, tokenizer
-
-
 class PolicyStats(nn.Module):
     """Wraps a causal LM so that one forward returns log p(y), log p(E), z_E per token.
 
@@ -129,6 +103,7 @@ class TrainBatch:
     mask: torch.Tensor  # [B, L-1] 1 where the label was sampled by the policy (and kept)
     advantages: torch.Tensor  # [B]
     decision: torch.Tensor | None = None  # [B, L-1] the "decision" c-mask
+    rollout_logprobs: torch.Tensor | None = None  # [B, L-1] the generator's log-probs of the labels
 
 
 def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep: list[bool],
@@ -138,17 +113,20 @@ def collate(trajs: list[Trajectory], advantages: list[float], pad_id: int, keep:
     ids = torch.full((B, length), pad_id, dtype=torch.long)
     att = torch.zeros((B, length), dtype=torch.long)
     lmask = torch.zeros((B, length), dtype=torch.float32)
+    rollout_lp = torch.zeros((B, length), dtype=torch.float32)
     for i, t in enumerate(trajs):
         seq = t.prompt_ids + t.response_ids
         ids[i, :len(seq)] = torch.tensor(seq)
         att[i, :len(seq)] = 1
+        p = len(t.prompt_ids)
+        rollout_lp[i, p:p + len(t.response_ids)] = torch.tensor(t.logprobs, dtype=torch.float32)
         if keep[i]:
-            p = len(t.prompt_ids)
             lmask[i, p:p + len(t.response_ids)] = torch.tensor(t.mask, dtype=torch.float32)
     labels = ids[:, 1:].clone()
     mask = lmask[:, 1:]
     decision = decision_c_mask(labels, mask, execute_token_id, fence_close_ids=fence_close_ids)
-    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision)
+    return TrainBatch(ids, att, labels, mask, torch.tensor(advantages, dtype=torch.float32), decision,
+                      rollout_lp[:, 1:])
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -167,18 +145,14 @@ class GRPOTrainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
+        self.precision = precision_policy(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       mixed_precision="bf16" if torch.cuda.is_available()
-                                       and cfg.model.dtype in ("auto", "bfloat16") else "no")
+                                       mixed_precision=self.precision.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         _seed_everything(cfg.seed + self.rank)
-        if model is None and cfg.model.path == "demo":  # the embedded demo's SFT start (cached)
-            from ihgrpo.demo.pipeline import sft_start
-
-            model, tokenizer = sft_start()
-        if model is None:
+        if model is None:  # a registered name (e.g. the demo's SFT start), a directory or a hub name
             model, tokenizer = load_model_and_tokenizer(
-                cfg.model.path, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                cfg.model.path, dtype=self.precision.weights_name,
                 trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
         if tokenizer is None:
             raise ConfigError("a tokenizer is required with a model object")
@@ -190,19 +164,22 @@ class GRPOTrainer:
             split=cfg.data.split, limit=cfg.data.max_examples)
         self.sampler = PromptSampler(self.examples, cfg.seed, cfg.data.shuffle)
         r = cfg.rollout
-        self.rollout_cfg = RolloutConfig(
-            mode=r.mode, max_turns=r.max_turns, max_response_tokens=r.max_response_tokens,
-            max_tokens_per_turn=r.max_tokens_per_turn, max_observation_tokens=r.max_observation_tokens,
-            exec_timeout_s=r.exec_timeout_s, straggler_wait_s=r.straggler_wait_s, execute_token=r.execute_token,
-            instruction=r.instruction, enable_thinking=r.enable_thinking)
-        self.pool = SandboxPool(max_workers=r.sandbox_workers, timeout_s=r.exec_timeout_s,
-                                memory_mb=r.sandbox_memory_mb, isolation=r.sandbox_isolation)
-        eos = _eos_ids(model, tokenizer)
+        self.rollout_cfg = r.rollout_config()
+        eos = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.generator = HFGenerator(model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed)
+        self.generator = make_generator(r.backend, model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed,
+                                        vllm=vllm_options(r, output_dir=cfg.output_dir, dtype=cfg.model.dtype,
+                                                          seed=cfg.seed, rank=self.rank, world=self.world))
+        self.generator.sync_weights(model)  # a backend with its own copy of the weights starts from ours
+        self.pool = r.sandbox_pool()  # after the generator: a backend that cannot start leaves nothing running
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
         self.fence_close_ids = _fence_close_ids(tokenizer)
+        try:  # before the model goes to the GPU: refuse a run that cannot fit
+            self._check_memory(model)
+        except ConfigError:
+            self.pool.close()
+            raise
 
         self.policy = PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size, r.temperature)
         o = cfg.optim
@@ -214,8 +191,14 @@ class GRPOTrainer:
         warm = o.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.policy, self.optimizer, self.scheduler)
+        # The scheduler is not prepared: accelerate's wrapper steps it once per process per call
+        # (warm-up N times too fast on N processes). It steps once per RL step, on every rank.
+        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        if isinstance(self.policy, nn.parallel.DistributedDataParallel):
+            # No buffer broadcast in DDP's forward (its first one, under no_sync): a collective that a
+            # rank without micro-batches (dynamic sampling kept no group there) never joins, a hang.
+            # The buffers (RoPE frequencies) are equal on all ranks, synced once at wrapping.
+            self.policy.broadcast_buffers = False
         self.reference = None
         if cfg.algo.kl_coef > 0:  # a frozen copy, only when the KL term is used
             import copy
@@ -229,6 +212,29 @@ class GRPOTrainer:
         self.eval_fn, self.eval_every = eval_fn, eval_every
 
     # ------------------------------------------------------------------ helpers
+    def _check_memory(self, model: nn.Module) -> None:
+        """Log the per-GPU memory estimate; refuse (ConfigError) when it exceeds the GPU's free memory."""
+        from ihgrpo.memory import gpu_memory, training_estimate
+        from ihgrpo.rollout.backends import resolve_backend
+
+        r = self.cfg.rollout
+        backend = resolve_backend(r.backend)
+        prompt_tokens = max(len(self.engine.prompt_ids(e.question)) for e in self.examples[:256])
+        est = training_estimate(self.cfg, model, precision=self.precision, processes=self.world,
+                                prompt_tokens=prompt_tokens, backend=backend)
+        if self.accelerator.is_main_process:
+            log.info("%s", est.summary())
+        mem = gpu_memory(self.accelerator.device)
+        if mem is not None and self.cfg.check_memory:
+            # A vLLM engine (started already) holds its share; asleep during the update, it gives it back.
+            headroom = int(r.vllm_gpu_memory_utilization * mem[1]) if backend == "vllm" and r.vllm_sleep_level else 0
+            est.check(mem[0], str(self.accelerator.device), update_headroom=headroom)
+
+    def _autocast(self):
+        """The precision policy's autocast (bf16 on a GPU under model.dtype auto), for every forward
+        pass: the rollout's too, so keys/values are computed in the compute dtype."""
+        return self.precision.context(self.accelerator.device.type)
+
     def _model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.policy).model
 
@@ -245,6 +251,7 @@ class GRPOTrainer:
             dump_config(cfg, self.out / "config.yaml")
         if cfg.resume:
             self.step = self.load_checkpoint()
+            self.generator.sync_weights(self._model())
         logger = _MetricLogger(self.out, cfg, enabled=self.accelerator.is_main_process, start_step=self.step)
         history = []
         try:
@@ -272,27 +279,29 @@ class GRPOTrainer:
         cfg, algo = self.cfg, self.cfg.algo
         t_step = time.perf_counter()
         gen_seed = (cfg.seed * 1_000_003 + step) * 64 + self.rank
-        params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_response_tokens)
-        G = cfg.rollout.group_size
-        # Each process rolls out its share of the prompts; groups never straddle processes.
-        want = _share(cfg.prompts_per_step, self.world, self.rank)
-        budget = max(want, math.ceil(cfg.prompts_per_step * algo.oversample / self.world))
+        params = cfg.rollout.sampling_params()
+        G, P = cfg.rollout.group_size, cfg.prompts_per_step
+        # Each process rolls out its share of the prompts; groups never straddle processes. Every
+        # round, all processes take one block of prompts of the same size, decided from the groups
+        # kept on all of them: no prompt is rolled out twice and the sampler stays in step everywhere.
+        want = _share(P, self.world, self.rank)
+        budget = self.world * max(want, math.ceil(P * algo.oversample / self.world))  # prompts, all ranks
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
         kept_adv: list[float] = []
-        rolled = 0
+        rolled = 0  # prompts rolled out this step, all ranks
+        kept_per_rank = [0] * self.world  # groups with signal, per rank
         t0 = time.perf_counter()
         self._model().eval()
         chunk = 0
-        while len(kept) < want * G and rolled < budget:
-            n = min(want - len(kept) // G, budget - rolled) if algo.dynamic_sampling else want
+        while sum(kept_per_rank) < P and rolled < budget:
+            n = math.ceil(min(P - sum(kept_per_rank), budget - rolled) / self.world)
             examples = self._take_prompts(n)
-            rolled += n
+            rolled += n * self.world
             # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
             chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
             chunk += 1
-            with _autocast(self.accelerator):
+            with self._autocast():
                 trajs = self.engine.rollout([e.question for e in examples], G, chunk_params)
             rewards = self.reward_fn([t.answer for t in trajs], [examples[t.prompt_index].answer for t in trajs])
             for t, rew in zip(trajs, rewards):
@@ -303,20 +312,24 @@ class GRPOTrainer:
                 group = trajs[g:g + G]
                 if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
                     continue
-                if len(kept) < want * G:
-                    kept += group
-                    kept_adv += adv[g:g + G]
+                kept += group
+                kept_adv += adv[g:g + G]
+            kept_per_rank = self._gather_counts(len(kept) // G)
             if not algo.dynamic_sampling:
                 break
+        # Exactly P groups in all: the first ones, in rank order.
+        mine = max(0, min(kept_per_rank[self.rank], P - sum(kept_per_rank[:self.rank])))
+        kept, kept_adv = kept[:mine * G], kept_adv[:mine * G]
+        n_kept = min(P, sum(kept_per_rank))
         t_rollout = time.perf_counter() - t0
+        self.generator.sleep()  # frees the GPU for the update when the backend has its own engine
         metrics = {f"rollout/{k}": v for k, v in batch_stats(all_trajs).items()}
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
-        metrics.update({"groups_rolled": rolled, "groups_kept": len(kept) // G,
+        metrics.update({"groups_rolled": rolled, "groups_kept": n_kept,
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()
-        n_kept = self._sum_across([len(kept)])[0]
         if n_kept == 0:
             # No group carries signal (every reward equal): say so instead of looping forever.
             log.warning("step %d: no group had differing rewards after rolling out %d prompts; "
@@ -326,6 +339,9 @@ class GRPOTrainer:
             metrics.update(self._update(kept, kept_adv))
             metrics["no_signal"] = 0.0
         metrics["time_update_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.generator.sync_weights(self._model())  # the next rollout samples from the updated policy
+        metrics["time_sync_weights_s"] = time.perf_counter() - t0
         metrics["time_step_s"] = time.perf_counter() - t_step
         return metrics
 
@@ -334,6 +350,10 @@ class GRPOTrainer:
         # position is the same on all ranks (and in a checkpoint).
         block = self.sampler.take(n * self.world)
         return block[self.rank * n:(self.rank + 1) * n]
+
+    def _gather_counts(self, count: int) -> list[int]:
+        """Every rank's `count`, in rank order (the same list on all ranks)."""
+        return [int(c) for c in self._sum_across([count if r == self.rank else 0 for r in range(self.world)])]
 
     def _sum_across(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
@@ -355,6 +375,7 @@ class GRPOTrainer:
         order = list(range(len(trajs)))
         mb = o.micro_batch_size
         stats_sum: dict[str, float] = {}
+        extremes: dict[str, float] = {}
         weight_sum = 0.0
         grad_norms = []
         n_updates = o.updates_per_step
@@ -380,10 +401,11 @@ class GRPOTrainer:
                 # Ranks may hold different numbers of micro-batches (dynamic sampling keeps what
                 # has signal), so DDP's per-backward all-reduce could deadlock: gradients are
                 # accumulated locally and averaged once per update below.
-                with _autocast(self.accelerator), self.accelerator.no_sync(self.policy):
+                with self._autocast(), self.accelerator.no_sync(self.policy):
                     st = self.policy(batch.input_ids, batch.attention_mask, batch.labels,
                                      compute_entropy=algo.entropy_coef > 0)
-                ref = self._ref_logprobs(batch) if self.reference is not None else None
+                with self._autocast():  # the reference in the policy's numerics
+                    ref = self._ref_logprobs(batch) if self.reference is not None else None
                 old_lp = None if old is None else _pad_old([old[i] for i in micro], batch.mask.shape).to(batch.mask.device)
                 loss, stats = ih_grpo_loss_from_stats(
                     st.logp, st.logp_exec, st.z_exec, batch.labels, batch.advantages, batch.mask,
@@ -391,11 +413,15 @@ class GRPOTrainer:
                     clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
                     aggregation=algo.aggregation, c_mask=batch.decision if algo.c_mask == "decision" else None,
                     kl_coef=algo.kl_coef, ref_logprobs=ref, entropy=st.entropy, entropy_coef=algo.entropy_coef,
-                    norm_constant=norm_constant)
+                    norm_constant=norm_constant, rollout_logprobs=batch.rollout_logprobs,
+                    rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
                 with self.accelerator.no_sync(self.policy):
                     self.accelerator.backward(loss * w)
                 for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
+                    if k in _EXTREMES:  # the step's most extreme token, not a mean over micro-batches
+                        extremes[k] = _EXTREMES[k](extremes.get(k, v), v)
+                    else:
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
                 weight_sum += w / (self.world * n_updates)
             self._average_gradients()
             if o.grad_clip > 0:
@@ -408,6 +434,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         out = {f"loss/{k}": v / max(weight_sum, 1e-12) for k, v in stats_sum.items()}
+        out.update({f"loss/{k}": v for k, v in extremes.items()})
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
@@ -434,7 +461,7 @@ class GRPOTrainer:
             micro = list(range(s, min(s + self.cfg.optim.micro_batch_size, len(trajs))))
             batch = _to(collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
                                 [keep[i] for i in micro], self.execute_token_id), self.accelerator.device)
-            with _autocast(self.accelerator):
+            with self._autocast():
                 st = self.policy(batch.input_ids, batch.attention_mask, batch.labels)
             out += [row.detach().float().cpu() for row in st.logp]
         return out
@@ -447,8 +474,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """model/, optimizer, scheduler, RNG states and data position, written atomically."""
+        """model/, optimizer, scheduler, RNG states (every rank's) and data position, written atomically."""
         self.accelerator.wait_for_everyone()
+        rng = [_rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
@@ -461,12 +493,12 @@ class GRPOTrainer:
         self.tokenizer.save_pretrained(tmp / "model")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": _rng_state()}
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng[0], "rng_per_rank": rng}
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
-        _fsync_dir(root)
+        fsync_dir(root)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -492,7 +524,8 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
         state = json.loads((ck / "state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        _set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return int(state["step"])
 
@@ -569,22 +602,13 @@ class _MetricLogger:
 
 
 # ----------------------------------------------------------------------------- small helpers
+_EXTREMES = {"rollout_ratio_max": max, "rollout_ratio_min": min}
+
+
 def _share(n: int, world: int, rank: int) -> int:
     if n % world:
         raise ConfigError(f"prompts_per_step ({n}) must be divisible by the number of processes ({world})")
     return n // world
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
-        if e is not None and e not in ids:
-            ids.append(int(e))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _fence_close_ids(tokenizer) -> tuple[int, ...]:
@@ -598,9 +622,8 @@ def _fence_close_ids(tokenizer) -> tuple[int, ...]:
 
 
 def _to(batch: TrainBatch, device) -> TrainBatch:
-    return TrainBatch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in
-                        (batch.input_ids, batch.attention_mask, batch.labels, batch.mask, batch.advantages,
-                         batch.decision)))
+    return TrainBatch(**{f.name: x.to(device) if isinstance(x := getattr(batch, f.name), torch.Tensor) else x
+                         for f in dataclasses.fields(batch)})
 
 
 def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
@@ -609,14 +632,6 @@ def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
         n = min(len(r), shape[1])
         out[i, :n] = r[:n]
     return out
-
-
-def _autocast(accelerator):
-    import contextlib
-
-    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:
@@ -647,13 +662,3 @@ def _set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass

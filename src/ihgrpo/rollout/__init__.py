@@ -1,7 +1,7 @@
 """Multi-turn, token-in token-out rollouts through the delayed or coupled protocol."""
 
 from .engine import ChatFormat, RolloutConfig, RolloutEngine, Trajectory, TurnRecord, batch_stats
-from .generator import GenerationOutput, Generator, SamplingParams
+from .generator import GenerateProgress, GenerationOutput, Generator, SamplingParams, derive_seed
 from .scripted import ScriptedGenerator
 
 
@@ -12,5 +12,6 @@ def __getattr__(name):  # HFGenerator pulls in transformers: import it only when
         return HFGenerator
     raise AttributeError(name)
 
-__all__ = ["ChatFormat", "GenerationOutput", "Generator", "HFGenerator", "RolloutConfig", "RolloutEngine",
-           "SamplingParams", "ScriptedGenerator", "Trajectory", "TurnRecord", "batch_stats"]
+__all__ = ["ChatFormat", "GenerateProgress", "GenerationOutput", "Generator", "HFGenerator", "RolloutConfig",
+           "RolloutEngine", "SamplingParams", "ScriptedGenerator", "Trajectory", "TurnRecord", "batch_stats",
+           "derive_seed"]

@@ -19,13 +19,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, build_prompt, coupled_block_end,
-                             extract_boxed, format_observation, is_void, next_action,
-                             pending_blocks)
+from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, answer_before_execute, build_prompt,
+                             coupled_block_end, extract_boxed, format_observation, is_void,
+                             next_action, pending_blocks)
 
-from .generator import GenerationOutput, Generator, SamplingParams
+from .generator import GenerationOutput, Generator, SamplingParams, derive_seed
 
-CODE_FENCE_STOP = "```\n"  # coupled protocol: a fence line closed; the protocol decides if it was python
+# Coupled protocol: a fence line ended; the protocol decides whether it closed a python block.
+# Literal strings (any backend can stop on them) for the usual endings, a few trailing spaces or
+# a tab or CRLF included; a longer run is caught after the fact (RolloutEngine._block_cut).
+CODE_FENCE_STOPS = ("```\n", "``` \n", "```  \n", "```   \n", "```\t\n", "```\r\n", "``` \r\n")
 
 
 @dataclass
@@ -54,12 +57,15 @@ class Trajectory:
     mask: list[int] = field(default_factory=list)  # 1: sampled by the policy; 0: observation
     logprobs: list[float] = field(default_factory=list)  # 0.0 where mask is 0
     turns: list[TurnRecord] = field(default_factory=list)
-    finished: bool = False  # the model stopped (EOS) or the turn cap was reached
+    finished: bool = False  # the model stopped (EOS, or E right after a final \boxed) or the turn cap was reached
     truncated: bool = False  # a token budget ran out
     void: bool = False  # stopped by EOS with no \boxed answer
     answer: str | None = None
     reward: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Its own random stream: the n-th generation call for it samples with derive_seed(seed, n),
+    # whatever else is in the batch (used when every trajectory of a round has a seed).
+    seed: int | None = None
 
     @property
     def model_text(self) -> str:
@@ -94,9 +100,14 @@ class RolloutConfig:
     execute_token: str = EXECUTE_TOKEN
     instruction: str | None = None  # None: the protocol's default for the mode
     enable_thinking: bool = False  # Qwen3: non-thinking mode
+    # At most this many trajectories per generate call (a round is split into calls): bounds the KV
+    # cache of a lock-step batch. None: every live trajectory in one call.
+    max_batch_rows: int | None = None
 
     def __post_init__(self) -> None:
         Mode(self.mode)  # raises on an unknown mode
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1 (or None), got {self.max_batch_rows}")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_response_tokens < 1:
@@ -190,10 +201,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------ entry points
     def rollout(self, questions: list[str], group_size: int, params: SamplingParams) -> list[Trajectory]:
         """`group_size` trajectories per question, grouped in order (question-major)."""
-        prompts = [self.chat.prompt_ids(build_prompt(q, self.config.mode, instruction=self.config.instruction,
-                                                     execute_token=self.config.execute_token))
-                   for q in questions]
-        return self.rollout_ids(prompts, group_size, params)
+        return self.rollout_ids([self.prompt_ids(q) for q in questions], group_size, params)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The prompt of a question: the protocol's instruction through the chat template."""
+        return self.chat.prompt_ids(build_prompt(question, self.config.mode, instruction=self.config.instruction,
+                                                 execute_token=self.config.execute_token))
 
     def rollout_ids(self, prompts: list[list[int]], group_size: int, params: SamplingParams) -> list[Trajectory]:
         if group_size < 1:
@@ -211,7 +224,7 @@ class RolloutEngine:
         coupled = Mode(cfg.mode) is Mode.COUPLED
         stop_ids = tuple(dict.fromkeys((*params.stop_token_ids, *self.chat.eos_token_ids,
                                         *(() if coupled else (self.chat.execute_token_id,)))))
-        stop_strings = tuple(dict.fromkeys((*params.stop_strings, *((CODE_FENCE_STOP,) if coupled else ()))))
+        stop_strings = tuple(dict.fromkeys((*params.stop_strings, *(CODE_FENCE_STOPS if coupled else ()))))
         turn_params = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                      max_new_tokens=params.max_new_tokens, stop_token_ids=stop_ids,
                                      stop_strings=stop_strings, seed=params.seed)
@@ -221,7 +234,14 @@ class RolloutEngine:
         ready = [t for t in trajs if not t.done]
         running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
         gen_time = exec_wait = 0.0
-        rounds = 0
+        n_calls = 0  # generate calls so far (one per round unless max_batch_rows splits rounds)
+        calls: dict[str, int] = {}  # generation calls so far per trajectory (its seeds' index)
+        if cfg.max_batch_rows is not None and params.seed is not None:
+            # Chunked rounds: every trajectory samples from its own stream (from the call's seed and
+            # its position), so the chunk size never changes what is sampled.
+            for i, t in enumerate(trajs):
+                if t.seed is None:
+                    t.seed = derive_seed(params.seed, i)
         executor = cf.ThreadPoolExecutor(max(1, getattr(self.pool, "max_workers", 4)),
                                          thread_name_prefix="ihgrpo-exec")
         try:
@@ -229,11 +249,21 @@ class RolloutEngine:
                 if ready:
                     t0 = time.perf_counter()
                     budgets = [min(per_turn, cfg.max_response_tokens - len(t.response_ids)) for t in ready]
-                    if params.seed is not None:  # a fresh, reproducible stream for every round
-                        turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + rounds)
-                    rounds += 1
-                    outs = self.generator.generate([t.prompt_ids + t.response_ids for t in ready], turn_params,
-                                                   budgets, request_ids=[t.uid for t in ready])
+                    outs = []
+                    step = cfg.max_batch_rows or len(ready)
+                    for c in range(0, len(ready), step):  # at most max_batch_rows rows per call
+                        part = ready[c:c + step]
+                        if params.seed is not None:  # a fresh, reproducible stream for every call
+                            turn_params = dataclasses.replace(turn_params, seed=params.seed * 1009 + n_calls)
+                        n_calls += 1
+                        # seeds= only when used: a generator (or a wrapper) written before it still works
+                        seeded = {}
+                        if all(t.seed is not None for t in part):
+                            seeded["seeds"] = [derive_seed(t.seed, calls.get(t.uid, 0)) for t in part]
+                            calls.update((t.uid, calls.get(t.uid, 0) + 1) for t in part)
+                        outs += self.generator.generate([t.prompt_ids + t.response_ids for t in part], turn_params,
+                                                        budgets[c:c + step], request_ids=[t.uid for t in part],
+                                                        **seeded)
                     gen_time += time.perf_counter() - t0
                     next_ready = []
                     for traj, out, budget in zip(ready, outs, budgets):
@@ -276,23 +306,26 @@ class RolloutEngine:
                     partial: dict, coupled: bool):
         """Appends a turn's tokens; returns (code, record) to execute, "continue", or None."""
         cfg = self.config
-        ids = list(out.token_ids)
-        if len(ids) != len(out.logprobs):
-            raise ValueError(f"generator returned {len(ids)} ids but {len(out.logprobs)} log-probs")
-        traj.response_ids += ids
-        traj.mask += [1] * len(ids)
-        traj.logprobs += [float(x) for x in out.logprobs]
+        ids, logprobs = list(out.token_ids), [float(x) for x in out.logprobs]
+        if len(ids) != len(logprobs):
+            raise ValueError(f"generator returned {len(ids)} ids but {len(logprobs)} log-probs")
         # A coupled turn may be continued after a non-python fence: it is still one turn.
         prev_ids = partial.pop(traj.uid, [])
+        cut = self._block_cut(window[traj.uid], prev_ids, ids) if coupled else None
+        if cut is not None:  # what was generated after the block's fence line is dropped, unseen
+            ids, logprobs = ids[:cut], logprobs[:cut]
+        traj.response_ids += ids
+        traj.mask += [1] * len(ids)
+        traj.logprobs += logprobs
         turn_ids = prev_ids + ids
         text = self.chat.model_text(turn_ids)
         last = ids[-1] if ids else None
-        if out.finish_reason == "stop_token" and last == self.chat.execute_token_id:
+        if cut is not None:
+            end = TurnEnd.CODE_BLOCK
+        elif out.finish_reason == "stop_token" and last == self.chat.execute_token_id:
             end = TurnEnd.EXECUTE
         elif out.finish_reason == "stop_token" and last in self.chat.eos_token_ids:
             end = TurnEnd.EOS
-        elif out.finish_reason == "stop_string" and coupled and coupled_block_end(window[traj.uid] + text) is not None:
-            end = TurnEnd.CODE_BLOCK
         elif out.finish_reason == "stop_string" and coupled and len(traj.response_ids) < cfg.max_response_tokens \
                 and len(turn_ids) < (cfg.max_tokens_per_turn or cfg.max_response_tokens):
             partial[traj.uid] = turn_ids  # a non-python fence closed: keep generating this turn
@@ -312,14 +345,41 @@ class RolloutEngine:
         if action == "stop":
             traj.finished = True
             return None
-        blocks = pending_blocks(window[traj.uid], execute_token=self.chat.execute_token)
-        window[traj.uid] = ""
+        window_text, window[traj.uid] = window[traj.uid], ""
+        blocks = pending_blocks(window_text, execute_token=self.chat.execute_token)
         record.blocks_run = len(blocks)
+        if not blocks and end is TurnEnd.EXECUTE and answer_before_execute(
+                window_text, execute_token=self.chat.execute_token) is not None:
+            # "... \boxed{42}" then E: E was used as a stop. The trajectory ends here like at EOS
+            # (E keeps mask 1 and its log-prob; no observation; rewarded on that answer).
+            traj.finished = True
+            return None
         if not blocks:  # E with nothing pending: say so, run nothing
             self._observe(traj, record, None)
             return "continue" if not traj.done else None
         record.code = "\n".join(blocks)
         return record.code, record
+
+    def _block_cut(self, window_text: str, prev_ids: list[int], ids: list[int]) -> int | None:
+        """Coupled protocol: how many of the new `ids` the turn keeps when a python block closed in
+        it (up to the token that ends the closing fence's line), else None. Tokens past that point
+        were sampled after the block should have run (stop strings cover only the usual fence
+        endings), so they are dropped: what is kept is exactly what a stop there would have given."""
+        turn = prev_ids + ids
+        end = coupled_block_end(window_text + self.chat.model_text(turn))
+        if end is None:
+            return None
+        end -= len(window_text)
+        if len(self.chat.decode(turn[:-1])) < end:
+            return len(ids)  # the usual case: the last token completed the fence line
+        lo, hi = len(prev_ids) + 1, len(turn) - 1  # the fewest tokens whose text reaches that end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.chat.decode(turn[:mid])) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo - len(prev_ids)
 
     def _observe(self, traj: Trajectory, record: TurnRecord, result) -> None:
         cfg = self.config

@@ -27,9 +27,10 @@ One call of :meth:`HFGenerator.generate` runs the whole batch in lock step:
   unless the caller lists it in ``stop_token_ids``.
 * **Finished rows leave the batch.** Once enough rows have finished (``compact_fraction``), they
   are removed from the batch, the attention mask and the KV cache (``Cache.batch_select_indices``,
-  which moves the kept rows inside the buffer) so that they stop costing compute. Rows are independent in every op (attention is per row,
-  the rest is row-wise), so removing or keeping them never changes the other rows' results
-  beyond floating-point noise of differently shaped matmuls.
+  which moves the kept rows inside the buffer) so that they stop costing compute. Rows are
+  independent in every op (attention is per row, the rest is row-wise), so removing or keeping
+  them never changes the other rows' results beyond floating-point noise of differently shaped
+  matmuls.
 
 Stop strings are matched on an incrementally decoded continuation: each step decodes only the
 few tokens since the last complete character (the approach of vLLM's incremental
@@ -39,10 +40,13 @@ together with the new text. Decoding is ``skip_special_tokens=False`` and
 ``clean_up_tokenization_spaces=False``: the continuation is matched as the model wrote it.
 
 Randomness: ``params.seed`` seeds a fresh generator for the call (same seed, same prefixes, same
-params, same device -> the same tokens; bit for bit on CPU). Without it, the generator's own
+params, same device -> the same tokens; bit for bit on CPU). The uniform numbers are drawn on the
+CPU and moved to the model's device, so they are the same wherever the model runs. Without it, the generator's own
 ``torch.Generator`` (seeded from ``seed=`` at construction, else from OS entropy) is used and
 advances from call to call. A given prefix is *not* guaranteed the same sample in different batch
-compositions (the random stream is shared by the batch); greedy decoding is.
+compositions (the random stream is shared by the batch); greedy decoding is. With per-request
+``seeds``, it is: row i draws its uniforms from a CPU ``torch.Generator`` seeded by ``seeds[i]``
+(``T`` float64 numbers, one per step, drawn up front), whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import Any
 
 import torch
 
-from .generator import GenerationOutput, Generator, SamplingParams
+from .generator import GenerationOutput, Generator, ProgressReporter, SamplingParams, check_seeds
 from .kvcache import BufferCache, buffer_cache_unsupported, is_buffer_cache
 
 __all__ = ["HFGenerator"]
@@ -149,8 +153,8 @@ class HFGenerator(Generator):
             position_ids, cache / past_key_values, use_cache, logits_to_keep)``). It is put in
             eval mode; ``generate`` also switches it to eval for the call and restores the mode.
         tokenizer: needed only when ``SamplingParams.stop_strings`` is used.
-        device: where to run; default: the device of the model's parameters. When given, the
-            model is moved there.
+        device: when given, the model is moved there. Generation always runs where the model's
+            parameters are at call time (it may be moved after construction).
         dtype: e.g. ``torch.bfloat16`` / ``"bfloat16"`` on a GPU; when given the model is cast
             to it. Default: the model's dtype as loaded (float32 for a model built from a config).
         pad_token_id: the id written into left padding (it is masked out, so any valid id
@@ -166,6 +170,8 @@ class HFGenerator(Generator):
             model it does not support falls back to ``"dynamic"`` with a warning.
             ``"dynamic"``: transformers' ``DynamicCache`` (a copy of the cache per step).
     """
+
+    progress_every = 8  # `progress` (see Generator), when set, hears every this many decode steps and at the end
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *,
                  device: torch.device | str | None = None,
@@ -184,9 +190,6 @@ class HFGenerator(Generator):
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype
         self.compact_fraction = compact_fraction
 
         config = model.config
@@ -205,7 +208,9 @@ class HFGenerator(Generator):
             raise ValueError(f"pad_token_id {self.pad_token_id} is outside the model's "
                              f"vocabulary [0, {self.vocab_size})")
 
-        self._generator = torch.Generator(device=self.device)
+        # Random streams live on the CPU (uniforms are moved to the model's device), so they do
+        # not depend on where the model is, or is moved to after construction.
+        self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
         else:
@@ -224,23 +229,35 @@ class HFGenerator(Generator):
 
     # ------------------------------------------------------------------ public API
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are now: a trainer builds the generator before
+        accelerate.prepare moves the model (e.g. to CUDA), so it is read at generate time."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def generate(self, prefixes: list[list[int]], params: SamplingParams,
                  max_new_tokens: list[int] | None = None, *,
-                 request_ids: list[str] | None = None) -> list[GenerationOutput]:  # noqa: ARG002
+                 request_ids: list[str] | None = None,  # noqa: ARG002
+                 seeds: list[int] | None = None) -> list[GenerationOutput]:
         """One continuation per prefix (see the module docstring for the exact semantics).
 
         An empty batch returns ``[]``. Raises ``ValueError`` for an empty prefix, a token id
-        outside the model's vocabulary, a ``max_new_tokens`` list of the wrong length or with an
-        entry < 1, and ``stop_strings`` without a tokenizer.
+        outside the model's vocabulary, a ``max_new_tokens`` or ``seeds`` list of the wrong
+        length, a ``max_new_tokens`` entry < 1, and ``stop_strings`` without a tokenizer.
         """
         limits = self._validate(prefixes, params, max_new_tokens)
+        check_seeds(seeds, len(prefixes))
         if not prefixes:
             return []
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self._generate(prefixes, params, limits)
+                return self._generate(prefixes, params, limits, seeds)
         finally:
             if was_training:
                 self.model.train()
@@ -295,7 +312,7 @@ class HFGenerator(Generator):
                          position_ids=position_ids, use_cache=True, **kwargs)
         return out.logits[:, -1, :]
 
-    def _generate(self, prefixes, params: SamplingParams, limits: list[int]):
+    def _generate(self, prefixes, params: SamplingParams, limits: list[int], seeds: list[int] | None = None):
         dev = self.device
         B = len(prefixes)
         lens = [len(p) for p in prefixes]
@@ -318,8 +335,9 @@ class HFGenerator(Generator):
 
         gen = self._generator
         if params.seed is not None:
-            gen = torch.Generator(device=dev)
+            gen = torch.Generator()
             gen.manual_seed(int(params.seed))
+        row_u = self._row_uniforms(seeds, T) if seeds is not None and params.temperature > 0 else None
 
         tok_buf = torch.empty((B, T), dtype=torch.long, device=dev)
         lp_buf = torch.empty((B, T), dtype=torch.float32, device=dev)
@@ -337,9 +355,13 @@ class HFGenerator(Generator):
         live = list(range(B))  # original row index of each batch row
         live_t = torch.arange(B, device=dev)
         next_pos = lens_t.clone()
+        report = ProgressReporter(self.progress, rows, T, self.progress_every)
 
         for t in range(T):
-            u = self._uniforms(logits.shape[0], gen) if params.temperature > 0 else None
+            if row_u is not None:  # each live row's own stream, indexed by its original row
+                u = row_u[live_t, t].reshape(-1, 1)
+            else:
+                u = self._uniforms(logits.shape[0], gen) if params.temperature > 0 else None
             tok, lp = self._sample(logits, params, u)
             tok_buf[live_t, t] = tok
             lp_buf[live_t, t] = lp.float()
@@ -359,6 +381,7 @@ class HFGenerator(Generator):
                     r.finish_reason = "length"
                 if r.finish_reason is not None:
                     n_done += 1
+            report.step(t + 1, n_done == len(live))
             if n_done == len(live):
                 break
             if n_done and n_done >= self.compact_fraction * len(live):
@@ -382,9 +405,19 @@ class HFGenerator(Generator):
                 for i, r in enumerate(rows)]
 
     def _uniforms(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """One uniform number per row for this step's draw ([n, 1] float64). Subclasses may give
-        each row its own stream (see ihgrpo.evaluate's row-seeded generator)."""
-        return torch.rand((n, 1), dtype=torch.float64, generator=gen, device=self.device)
+        """One uniform number per row for this step's draw ([n, 1] float64), from the shared stream
+        (a CPU generator: the numbers do not depend on the model's device)."""
+        return torch.rand((n, 1), dtype=torch.float64, generator=gen).to(self.device)
+
+    def _row_uniforms(self, seeds: list[int], steps: int) -> torch.Tensor:
+        """[B, steps] float64: row i's uniforms for every step, from a CPU generator seeded by
+        seeds[i] (CPU, so that a row's stream is the same on every device)."""
+        rows = []
+        for seed in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(seed))
+            rows.append(torch.rand(max(1, steps), dtype=torch.float64, generator=g))
+        return torch.stack(rows).to(self.device)
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .generator import GenerationOutput, Generator, SamplingParams
+from .generator import GenerationOutput, Generator, SamplingParams, check_seeds
 
 Script = Callable[[str, list[int]], list[int]]
 
@@ -38,10 +38,13 @@ class ScriptedGenerator(Generator):
             self.script = script
         self.decode = decode
         self.calls = 0
+        self.seeds: list[list[int] | None] = []  # the per-request seeds of each call (the play ignores them)
 
-    def generate(self, prefixes, params: SamplingParams, max_new_tokens=None, *, request_ids=None):
+    def generate(self, prefixes, params: SamplingParams, max_new_tokens=None, *, request_ids=None, seeds=None):
         if request_ids is None or len(request_ids) != len(prefixes):
             raise ValueError("ScriptedGenerator needs one request id per prefix")
+        check_seeds(seeds, len(prefixes))
+        self.seeds.append(None if seeds is None else list(seeds))
         if params.stop_strings and self.decode is None:
             raise ValueError("stop_strings need a decode function")
         self.calls += 1

@@ -1,16 +1,21 @@
-"""How a worker process is started: inside bubblewrap namespaces, or (loudly) without them.
+"""How sandbox processes are started: inside bubblewrap namespaces, or (loudly) without them.
 
 bwrap as root: no user namespace (it would map the sandbox to host uid 0, for which the kernel
-ignores RLIMIT_NPROC); the worker keeps only CAP_SETUID/CAP_SETGID and drops to a per-worker
-unprivileged uid before any model code runs. bwrap as an ordinary user: a user namespace.
-Either way the worker gets its own PID, network, IPC, UTS and mount namespaces, a read-only
-view of the system and of the Python installation, private /tmp and working directory, and a
-scrubbed environment.
+ignores RLIMIT_NPROC). One bwrap holds the zygote (zygote.py), which keeps the capabilities it
+needs to give each session its own namespaces and uid; every session gives them all up and
+drops to a per-session unprivileged uid before any model code runs. bwrap as an ordinary user:
+one bwrap (and user namespace) per session, which keeps no capability. Either way a session has
+its own PID, network, IPC, UTS and mount namespaces, a read-only view of the system and of the
+Python installation, private /tmp and working directory, and a scrubbed environment.
+
+Nothing in the sandbox reads the package's files: the pool reads worker.py and zygote.py and
+sends their source as the first line of input to `python -I -c BOOTSTRAP`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -22,9 +27,26 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-WORKER_PATH = Path(__file__).with_name("worker.py")
-SANDBOX_WORKER = "/opt/ihgrpo/worker.py"
 SANDBOX_HOME = "/sandbox"
+# What the zygote keeps from root to make each session's namespaces, mounts, loopback and uid.
+ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+_MODULES = (("sandbox_worker", "worker.py"), ("sandbox_zygote", "zygote.py"))
+# Reads one line (the boot message), turns the sources in it into modules, runs a main() with
+# what was read past that line (the first request may already be in the pipe).
+BOOTSTRAP = (
+    "import json, os, sys, types\n"
+    "b = b''\n"
+    "while b'\\n' not in b:\n"
+    "    c = os.read(0, 1 << 20)\n"
+    "    if not c:\n"
+    "        sys.exit('ihgrpo sandbox: no boot message')\n"
+    "    b += c\n"
+    "line, _, rest = b.partition(b'\\n')\n"
+    "boot = json.loads(line)\n"
+    "for name, src in boot['modules']:\n"
+    "    m = sys.modules[name] = types.ModuleType(name)\n"
+    "    exec(compile(src, '<' + name + '>', 'exec'), m.__dict__)\n"
+    "sys.modules[boot['main']].main(boot['settings'], rest)\n")
 # One BLAS/OpenMP thread per interpreter: many interpreters share few cores, and an address
 # space limit does not survive a thread pool's per-thread buffers.
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -47,15 +69,14 @@ class LaunchSpec:
     new_session: bool = True
 
 
-def _python_roots(python: str) -> list[str]:
+@functools.lru_cache(maxsize=8)
+def _python_roots(python: str) -> tuple[str, ...]:
     """Directories the interpreter needs: its prefix(es) and site-packages, outside /usr."""
     out = subprocess.run(
         [python, "-I", "-c",
          "import sys, site, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix,"
          " sys.base_exec_prefix] + [p for p in sys.path if p]))"],
         capture_output=True, text=True, timeout=30, check=True, env={"PATH": os.environ.get("PATH", "")})
-    import json
-
     paths = {os.path.realpath(p) for p in json.loads(out.stdout)}
     paths.add(os.path.dirname(os.path.realpath(python)))
     paths.add(os.path.dirname(os.path.abspath(python)))
@@ -68,7 +89,24 @@ def _python_roots(python: str) -> list[str]:
         if any(p == r or p.startswith(r + "/") for r in roots):
             continue
         roots.append(p)
-    return roots
+    return tuple(roots)
+
+
+@functools.lru_cache(maxsize=1)
+def _sources() -> tuple[tuple[str, str], ...]:
+    here = Path(__file__).parent
+    return tuple((name, (here / file).read_text(encoding="utf-8")) for name, file in _MODULES)
+
+
+def boot_message(main: str, settings: dict) -> bytes:
+    """The first line a sandbox process reads: our modules' source, which main() to run, settings."""
+    name = {"worker": _MODULES[0][0], "zygote": _MODULES[1][0]}[main]
+    return json.dumps({"modules": _sources(), "main": name, "settings": settings}).encode() + b"\n"
+
+
+def tmp_binds(python: str) -> list[str]:
+    """The interpreter's directories under /tmp: a session's new /tmp must keep showing them."""
+    return [r for r in _python_roots(python) if r.startswith("/tmp/")]
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,14 +119,15 @@ def _bwrap_features(bwrap: str) -> frozenset[str]:
                      if f in text)
 
 
-def bwrap_argv(python: str, *, bwrap: str, as_root: bool, tmpfs_bytes: int) -> list[str]:
+def bwrap_argv(python: str, *, bwrap: str, as_root: bool, tmpfs_bytes: int, zygote: bool = False) -> list[str]:
     feats = _bwrap_features(bwrap)
     a = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
          "--die-with-parent", "--new-session", "--hostname", "sandbox", "--cap-drop", "ALL"]
     if "--unshare-cgroup-try" in feats:
         a.append("--unshare-cgroup-try")
     if as_root:
-        a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        for cap in ZYGOTE_CAPS if zygote else ("CAP_SETUID", "CAP_SETGID"):
+            a += ["--cap-add", cap]
     else:
         a += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
         if "--disable-userns" in feats:
@@ -118,11 +157,10 @@ def bwrap_argv(python: str, *, bwrap: str, as_root: bool, tmpfs_bytes: int) -> l
             made.add(p)
             a += [*perms, "--dir", p]
         a += ["--ro-bind", root, root]
-    a += ["--ro-bind", str(WORKER_PATH), SANDBOX_WORKER, "--proc", "/proc", "--dev", "/dev",
-          "--chdir", SANDBOX_HOME, "--clearenv"]
+    a += ["--proc", "/proc", "--dev", "/dev", "--chdir", SANDBOX_HOME, "--clearenv"]
     for k, v in {**BASE_ENV, "HOME": SANDBOX_HOME, "TMPDIR": "/tmp"}.items():
         a += ["--setenv", k, v]
-    return a + [python, "-I", SANDBOX_WORKER]
+    return a + [python, "-I", "-c", BOOTSTRAP]
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,8 +169,8 @@ def probe_bwrap(python: str, bwrap: str | None) -> str | None:
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     argv = bwrap_argv(python, bwrap=bwrap, as_root=os.geteuid() == 0, tmpfs_bytes=1 << 20)
-    # Replace the worker with a trivial command: the probe checks the namespaces and binds.
-    argv = argv[:-1] + ["-c", "import sys; sys.exit(0)"]
+    # Replace the bootstrap with a trivial command: the probe checks the namespaces and binds.
+    argv = argv[:-1] + ["import sys; sys.exit(0)"]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:

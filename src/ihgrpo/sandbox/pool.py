@@ -3,9 +3,14 @@
 Each session's variables live in its own worker process, like a notebook kernel; they are never
 serialized. Only JSON text crosses from a worker, and it is type-checked before use.
 
+A new session's interpreter is forked by a zygote (zygote.py, launch.py) that has already
+started Python and imported `preload`, so the first cell of a session costs milliseconds; as an
+ordinary user with bubblewrap (no capabilities to make namespaces after a fork), each session
+is its own bwrap process instead.
+
 Threads, not asyncio, manage the processes: every blocking call runs on the pool's own
 long-lived threads (an executor bounded by `max_workers`, plus one thread that keeps warm
-interpreters ready). Workers are started only from those threads, because bwrap's
+interpreters ready). Processes are started only from those threads, because bwrap's
 --die-with-parent follows the *thread* that started it.
 """
 
@@ -29,8 +34,9 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .isolation import (BASE_ENV, WORKER_PATH, SandboxUnavailable, bwrap_argv,
-                        resolve_isolation)
+from .isolation import (BASE_ENV, BOOTSTRAP, SANDBOX_HOME, SandboxUnavailable, boot_message,
+                        bwrap_argv, resolve_isolation, tmp_binds)
+from .launch import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +81,19 @@ class _Worker:
 
     MAX_LINE = 16 << 20  # a response larger than this is a protocol violation
 
-    def __init__(self, proc: subprocess.Popen, slot: int, workdir: str | None):
+    def __init__(self, proc, slot: int, workdir: str | None):  # a Popen or a launch.SessionProcess
         self.proc = proc
         self.slot = slot
         self.workdir = workdir
+        self.started = time.monotonic()
+        self.ready = False  # said {"ready": true}: a new one gets its first cell before that
+        self.start_error: str | None = None  # why it will never be ready
+        self.lock = threading.Lock()  # held by whoever reads its "ready"
+        self.dying = False  # ended: killed, its slot (uid) is freed once it is seen dead
         self._buf = bytearray()
 
     @property
-    def pid(self) -> int:
+    def pid(self) -> int | None:
         return self.proc.pid
 
     def alive(self) -> bool:
@@ -102,9 +113,9 @@ class _Worker:
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if not poller.poll(left * 1000):
+            if not poller.poll(max(0.0, left) * 1000):  # once at least, even past the deadline
+                if left <= 0:
+                    return None
                 continue
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -122,24 +133,34 @@ class _Worker:
             raise _WorkerDied("malformed message from the interpreter")
         return msg
 
-    def kill(self) -> int | None:
-        """SIGKILL (the PID namespace takes everything inside with it) and reap."""
-        try:
-            self.proc.kill()
-        except OSError:
-            pass
-        try:
-            code = self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable process
-            code = None
-        for f in (self.proc.stdin, self.proc.stdout):
+    def kill(self, grace: float = 0.0) -> int | None:
+        """SIGKILL (the PID namespace takes everything inside with it) and reap.
+
+        `grace`: a crashing interpreter is already on its way out; wait that long for its own
+        exit status (say, SIGSEGV) before the kill would replace it with SIGKILL.
+        """
+        code = self._wait(grace) if grace > 0 else None
+        if code is None:
             try:
-                f.close()
+                self.proc.kill()
+            except OSError:
+                pass
+            code = self._wait(10)  # None only for an unkillable process
+        for f in (self.proc.stdin, self.proc.stdout, getattr(self.proc, "life", None)):
+            try:
+                if f is not None:
+                    f.close()
             except OSError:
                 pass
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
+
+    def _wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class _Session:
@@ -212,25 +233,37 @@ class SandboxPool:
             },
         }
         self._tmpfs_bytes = max_file_mb << 20
+        self.stats = collections.Counter()
+        self._zygote: Zygote | None = None
+        common = dict(startup_timeout_s=startup_timeout_s, stats=self.stats)
         if self.isolation == "bwrap":
-            self._argv = bwrap_argv(self.python, bwrap=shutil.which("bwrap"),
-                                    as_root=self.as_root, tmpfs_bytes=self._tmpfs_bytes)
+            bwrap = shutil.which("bwrap")
+            self._argv = bwrap_argv(self.python, bwrap=bwrap, as_root=self.as_root, tmpfs_bytes=self._tmpfs_bytes)
+            if self.as_root:  # the zygote needs root's capabilities to give sessions namespaces
+                self._zygote = Zygote(
+                    bwrap_argv(self.python, bwrap=bwrap, as_root=True, tmpfs_bytes=self._tmpfs_bytes, zygote=True),
+                    {**self._settings, "namespaces": True, "home": SANDBOX_HOME,
+                     "tmpfs_bytes": self._tmpfs_bytes, "tmp_binds": tmp_binds(self.python)},
+                    env={}, cwd=None, **common)
+        else:
+            self._zygote = Zygote([self.python, "-I", "-c", BOOTSTRAP], {**self._settings, "pdeathsig": True},
+                                  env=dict(BASE_ENV), cwd="/", **common)
 
         self._lock = threading.Lock()
         self._idle_cv = threading.Condition(self._lock)
         self._sessions: dict[str, _Session] = {}
         self._idle: collections.deque[_Worker] = collections.deque()
+        self._pending: collections.deque[_Worker] = collections.deque()  # warm, not yet ready
         self._all: set[_Worker] = set()
         self._free_slots: list[int] = []
         self._next_slot = itertools.count()
         self._ids = itertools.count(1)
         self._closed = False
-        self.stats = collections.Counter()
 
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="ihgrpo-sandbox")
         self._warm = max_workers if warm is None else warm
         # Kill every worker even if close() is never called (garbage collection, interpreter exit).
-        self._finalizer = weakref.finalize(self, _kill_all, self._all, self._lock)
+        self._finalizer = weakref.finalize(self, _kill_all, self._all, self._lock, self._zygote)
         self._filler = threading.Thread(target=self._fill_loop, name="ihgrpo-sandbox-warm", daemon=True)
         self._filler.start()
 
@@ -257,9 +290,15 @@ class SandboxPool:
             return [s for s, v in self._sessions.items() if v.worker is not None]
 
     def worker_pids(self) -> list[int]:
-        """Host PIDs of all live worker processes (for monitoring and tests)."""
+        """Host PIDs of the live interpreters (for monitoring and tests)."""
         with self._lock:
-            return [w.pid for w in self._all]
+            workers = [w for w in self._all if not w.dying]
+        return [pid for pid in (w.pid for w in workers) if pid is not None]
+
+    def zygote_pids(self) -> list[int]:
+        """Host PID of the zygote (the fork server, a child of this process), if one is running."""
+        zygote = self._zygote
+        return zygote.pids() if zygote is not None else []
 
     def close(self) -> "_Closed":
         """Kill every interpreter and stop the pool's threads. Idempotent; may also be awaited."""
@@ -269,9 +308,9 @@ class SandboxPool:
             self._closed = True
             self._idle_cv.notify_all()
         self._filler.join(timeout=30)
-        _kill_all(self._all, self._lock)
+        _kill_all(self._all, self._lock, self._zygote)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        _kill_all(self._all, self._lock)  # anything started by a call that was already running
+        _kill_all(self._all, self._lock, self._zygote)  # anything started by a call already running
         self._finalizer.detach()
         return _Closed()
 
@@ -314,15 +353,15 @@ class SandboxPool:
                 sess.worker = self._take_worker()
             sess.lost = False
             sess.last_used = time.monotonic()
-            worker = sess.worker
             rid = next(self._ids)
-            start = time.monotonic()
             failure = None
             try:
-                worker.send({"id": rid, "code": code, "timeout": timeout,
-                             "max_output": self.max_output_bytes})
+                worker = self._send(sess, {"id": rid, "code": code, "timeout": timeout,
+                                           "max_output": self.max_output_bytes})
+                start = time.monotonic()
                 msg = worker.read(deadline=start + timeout + self.grace_s)
             except _WorkerDied as exc:
+                worker, start = sess.worker, time.monotonic()
                 msg, failure = None, str(exc)
             duration = time.monotonic() - start
             result = None if msg is None else _parse_result(msg, rid)
@@ -331,7 +370,7 @@ class SandboxPool:
                 return ExecResult(**result, state_lost=state_lost, duration_s=duration)
 
             # The interpreter is gone or unusable: replace it; its variables are lost.
-            code_ = self._discard(worker)
+            code_ = self._discard(worker, grace=1.0 if failure == "control pipe closed" else 0.0)
             sess.worker, sess.lost = None, True
             if msg is None and failure is None:
                 self.stats["hard_timeouts"] += 1
@@ -345,13 +384,37 @@ class SandboxPool:
             return ExecResult("", error + "\n", ok=False, crashed=True, state_lost=state_lost,
                               error=error, duration_s=duration)
 
+    def _send(self, sess: _Session, request: dict) -> _Worker:
+        """Send a cell. A new interpreter gets it at once (it is read after "ready"), then we
+        wait for "ready"; if it failed to start, one more is started, and waited for, first."""
+        worker = sess.worker
+        if worker.ready:
+            worker.send(request)
+            return worker
+        try:
+            worker.send(request)
+            sent = True
+        except _WorkerDied:
+            sent = False  # it failed to start: _confirm says why
+        try:
+            self._confirm(worker)
+            if sent:
+                return worker
+            self._discard(worker)
+        except SandboxUnavailable as exc:
+            log.warning("sandbox: %s; starting another interpreter", exc)
+        sess.worker = None
+        sess.worker = worker = self._spawn(confirm=True)  # raises SandboxUnavailable if it cannot
+        worker.send(request)
+        return worker
+
     def _end_blocking(self, session_id: str) -> None:
         with self._lock:
             sess = self._sessions.pop(session_id, None)
         if sess is not None:
             with sess.lock:
                 if sess.worker is not None:
-                    self._discard(sess.worker)
+                    self._discard(sess.worker, wait=False)  # nobody waits for its exit status
                     sess.worker = None
 
     def _session(self, session_id: str) -> _Session:
@@ -391,42 +454,60 @@ class SandboxPool:
             sess.lock.release()
 
     def _take_worker(self) -> _Worker:
-        with self._lock:
-            worker = self._idle.popleft() if self._idle else None
-            self._idle_cv.notify_all()  # wake the filler to replace it
-        while worker is not None and not worker.alive():
-            self._discard(worker)
+        """A warm interpreter (ready, or else the one closest to ready), or else a new one."""
+        while True:
             with self._lock:
-                worker = self._idle.popleft() if self._idle else None
-        return worker if worker is not None else self._spawn()
+                queue = self._idle or self._pending
+                worker = queue.popleft() if queue else None
+                self._idle_cv.notify_all()  # wake the filler to replace it
+            if worker is None:
+                return self._spawn(confirm=False)
+            if worker.alive():
+                return worker
+            self._discard(worker)
 
     def _fill_loop(self) -> None:
+        """Keep `warm` interpreters: asked for at once, moved to the idle queue as each says ready.
+        A call that finds none ready takes a pending one (and reads its "ready" itself)."""
         failures = 0
         while True:
             with self._lock:
-                while not self._closed and len(self._idle) >= self._warm:
+                if not self._closed and not self._pending and len(self._idle) >= self._warm:
                     self._idle_cv.wait(timeout=1.0)
                 if self._closed:
-                    return
+                    return  # close() kills the pending ones (they are in self._all)
+                missing = self._warm - len(self._idle) - len(self._pending)
+            self._collect_dying()
+            error = None
             try:
-                worker = self._spawn()
-                failures = 0
-            except Exception as exc:  # keep serving: calls spawn on demand and report errors
-                failures += 1
-                log.warning("sandbox: could not start a warm interpreter: %s", exc)
-                time.sleep(min(5.0, 0.1 * 2 ** failures))
-                continue
+                for _ in range(missing):
+                    worker = self._spawn(confirm=False)
+                    with self._lock:
+                        self._pending.append(worker)
+            except Exception as exc:
+                error = exc
             with self._lock:
-                if self._closed:
-                    stale = worker
-                else:
-                    self._idle.append(worker)
-                    stale = None
-            if stale is not None:
-                self._discard(stale)
-                return
+                pending = list(self._pending)
+            if pending:
+                select.select([w.proc.stdout for w in pending], [], [], 0.01)
+            for worker in pending:
+                try:
+                    state = self._confirm(worker, block=False)
+                except Exception as exc:  # _confirm discarded it
+                    state, error = None, exc
+                with self._lock:
+                    if state is not False and worker in self._pending:  # not taken meanwhile
+                        self._pending.remove(worker)
+                        if state:
+                            self._idle.append(worker)
+                            failures = 0
+            if error is not None:  # keep serving: calls spawn on demand and report errors
+                failures += 1
+                log.warning("sandbox: could not start a warm interpreter: %s", error)
+                time.sleep(min(5.0, 0.1 * 2 ** failures))
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, confirm: bool) -> _Worker:
+        self._collect_dying()
         with self._lock:
             if self._closed:
                 raise SandboxError("the sandbox pool is closed")
@@ -434,35 +515,23 @@ class SandboxPool:
         if slot >= UIDS_PER_POOL:
             self._release_slot(slot)
             raise SandboxError(f"more than {UIDS_PER_POOL} interpreters alive at once; lower max_sessions")
-        uid = self._uid_base + slot
-        settings = dict(self._settings)
+        uid = self._uid_base + slot if self.as_root else None
         workdir = None
         try:
-            if self.isolation == "bwrap":
-                if self.as_root:
-                    settings["uid"] = settings["gid"] = uid
-                argv = self._argv + [json.dumps(settings)]
-                popen_kw: dict = {"env": {}}
-            else:
+            if self.isolation == "none":
                 workdir = tempfile.mkdtemp(prefix="ihgrpo-sandbox-")
-                settings.update(pdeathsig=True, ppid=os.getpid())
-                argv = [self.python, "-I", str(WORKER_PATH), json.dumps(settings)]
-                env = {**BASE_ENV, "HOME": workdir, "TMPDIR": workdir}
-                popen_kw = {"env": env, "cwd": workdir}
-                if self.as_root:  # never run hostile code as root: kill(-1) would reach everything
+                if uid is not None:  # never run hostile code as root: kill(-1) would reach everything
                     os.chown(workdir, uid, uid)
-                    popen_kw.update(user=uid, group=uid, extra_groups=[])
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                    **popen_kw)
-        except PermissionError as exc:
-            if workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
-            self._release_slot(slot)
-            raise SandboxUnavailable(
-                f"cannot start {self.python} as an unprivileged uid ({exc.strerror}): without bubblewrap, "
-                "model code never runs as root, so the interpreter must be readable by other users; "
-                "install bubblewrap or pass python= an interpreter such as /usr/bin/python3") from None
+            proc = self._zygote_session(uid, workdir) if self._zygote is not None else None
+            if proc is None:
+                settings = {**self._settings, "uid": uid, "gid": uid}
+                proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True, close_fds=True, env={})
+                try:
+                    proc.stdin.write(boot_message("worker", settings))
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it failed to start: its stderr says why, below
         except Exception:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -471,29 +540,80 @@ class SandboxPool:
         worker = _Worker(proc, slot, workdir)
         with self._lock:
             self._all.add(worker)
-        try:
-            msg = worker.read(deadline=time.monotonic() + self.startup_timeout_s)
-        except _WorkerDied:
-            msg = None
-        if not msg or not msg.get("ready"):
-            worker.kill()
-            try:
-                err = proc.stderr.read(4000).decode(errors="replace").strip()
-            except (OSError, ValueError):
-                err = ""
-            self._discard(worker)
-            raise SandboxUnavailable(f"the sandbox interpreter failed to start ({self.isolation}): "
-                                     f"{err.splitlines()[-1] if err else 'no output'}")
-        proc.stderr.close()  # the worker has redirected its stderr: nothing more is written there
-        self.stats["spawned"] += 1
+        if confirm:
+            self._confirm(worker)
         return worker
+
+    def _confirm(self, worker: _Worker, block: bool = True) -> bool:
+        """Read a new interpreter's "ready": True. block=False: False if it has not come yet.
+        If it cannot come (an error, an exit, startup_timeout_s), SandboxUnavailable says why."""
+        with worker.lock:  # the filler and a caller that took a pending one may both ask
+            if worker.ready:
+                return True
+            if worker.start_error is not None:
+                raise SandboxUnavailable(worker.start_error)
+            deadline = worker.started + self.startup_timeout_s
+            timed_out = False
+            try:
+                msg = worker.read(deadline=deadline if block else min(deadline, time.monotonic()))
+                if msg is None and not block and time.monotonic() < deadline:
+                    return False
+                timed_out = msg is None
+            except _WorkerDied:
+                msg = None
+            proc = worker.proc
+            if isinstance(msg, dict) and msg.get("ready"):
+                worker.ready = True
+                if getattr(proc, "stderr", None) is not None:
+                    proc.stderr.close()  # the worker has redirected its stderr: nothing more comes
+                self.stats["spawned"] += 1
+                return True
+            error = msg.get("error") if isinstance(msg, dict) and isinstance(msg.get("error"), str) else ""
+            if timed_out and self._zygote is not None:  # not a word in startup_timeout_s: a stuck
+                self._zygote.restart()  # zygote (first: killing its session would wait on it)
+            worker.kill()
+            if not error and getattr(proc, "stderr", None) is not None:
+                try:
+                    error = proc.stderr.read(4000).decode(errors="replace").strip()
+                except (OSError, ValueError):
+                    pass
+            worker.start_error = (f"the sandbox interpreter failed to start ({self.isolation}): "
+                                  f"{error.splitlines()[-1] if error else 'no output'}")
+        self._discard(worker)
+        raise SandboxUnavailable(worker.start_error)
+
+    def _zygote_session(self, uid: int | None, workdir: str | None):
+        """A session forked by the zygote; None if bwrap's zygote never started (then: one bwrap each)."""
+        try:
+            return self._zygote.session({"uid": uid, "workdir": workdir})
+        except SandboxUnavailable as exc:
+            if self.isolation != "bwrap" or self.stats["zygote_starts"] or self._closed:
+                raise
+            log.warning("sandbox: %s; starting one bubblewrap per session instead (slower)", exc)
+            self._zygote = None
+            return None
 
     def _release_slot(self, slot: int) -> None:
         with self._lock:
             self._free_slots.append(slot)
 
-    def _discard(self, worker: _Worker) -> int | None:
-        code = worker.kill()
+    def _collect_dying(self) -> None:
+        """Free the slots (uids) of ended sessions whose processes are now gone."""
+        with self._lock:
+            dying = [w for w in self._all if w.dying]
+        for worker in dying:
+            if worker.proc.poll() is not None:
+                self._discard(worker)
+
+    def _discard(self, worker: _Worker, grace: float = 0.0, wait: bool = True) -> int | None:
+        if not wait:  # kill it; _collect_dying frees its slot once it is gone
+            worker.dying = True
+            try:
+                worker.proc.kill()
+            except OSError:
+                pass
+            return None
+        code = worker.kill(grace)
         with self._lock:
             if worker in self._all:
                 self._all.discard(worker)
@@ -526,7 +646,9 @@ def _parse_result(msg: dict, rid: int) -> dict | None:
     return {k: msg[k] for k in fields}
 
 
-def _kill_all(workers: set, lock: threading.Lock) -> None:
+def _kill_all(workers: set, lock: threading.Lock, zygote: Zygote | None = None) -> None:
+    if zygote is not None:
+        zygote.close()  # first: its sessions then die with it, and each kill() below is quick
     with lock:
         victims = list(workers)
         workers.clear()

@@ -1,9 +1,10 @@
 """The interpreter that runs inside the sandbox: one process per session, state kept in memory.
 
-Run as a script (never imported by the trainer): `python -I worker.py '<json settings>'`.
-Standard library only. It talks to the pool with JSON lines on its original stdin/stdout,
-which it moves to private descriptors before any model code runs; fds 1 and 2 then point at
-per-cell capture buffers. Nothing is pickled in either direction.
+Never imported by the trainer: the pool sends this file's source (and zygote.py's) to a fresh
+`python -I -c BOOTSTRAP` as its first line of input, so the sandbox never needs to read the
+package's files. Standard library only. A session talks to the pool with JSON lines on two
+private descriptors, set up before any model code runs; fds 1 and 2 then point at per-cell
+capture buffers. Nothing is pickled in either direction.
 
 Request:  {"id": int, "code": str, "timeout": float, "max_output": int}
 Response: {"id": int, "stdout": str, "stderr": str, "ok": bool, "timed_out": bool,
@@ -15,6 +16,8 @@ from __future__ import annotations
 import ast
 import builtins
 import ctypes
+import fcntl
+import functools
 import io
 import json
 import linecache
@@ -26,7 +29,10 @@ import time
 import traceback
 
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 CELL_FILENAME = "<cell>"
 
 
@@ -34,23 +40,44 @@ class CellTimeout(BaseException):
     """Raised in the cell when its time is up. BaseException, so `except Exception` can't eat it."""
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _prctl(option: int, arg: int) -> None:
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+        _libc().prctl(option, arg, 0, 0, 0)
     except Exception:  # pragma: no cover - non-Linux
         pass
 
 
-def _setup(settings: dict) -> tuple[int, int]:
+def drop_capabilities() -> None:
+    """capset(2) with every set empty (version 3: two 32-bit words per set)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    if _libc().capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def _setup(settings: dict, ctl_in: int = 0, ctl_out: int = 1) -> tuple[int, int]:
     """Privilege drop, limits, private control descriptors. Runs before any model code."""
+    if settings.get("new_session"):  # forked by the zygote: what bwrap --new-session did per process
+        os.setsid()
+    if "cap_last_cap" in settings:  # forked by a zygote that holds capabilities: give them all up
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        for cap in range(settings["cap_last_cap"] + 1):
+            _prctl(PR_CAPBSET_DROP, cap)
     uid = settings.get("uid")
-    if uid is not None:  # started as root inside bwrap: become an unprivileged, per-worker uid
+    if uid is not None:  # started as root: become an unprivileged, per-session uid
         gid = settings.get("gid", uid)
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # clears the permitted and effective capabilities
+    if "cap_last_cap" in settings:
+        drop_capabilities()  # the inheritable ones too
     if settings.get("pdeathsig"):
-        # Fallback mode (no bwrap --die-with-parent): die with the pool's spawning thread.
+        # Fallback mode (no bwrap --die-with-parent): die with our parent.
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != settings.get("ppid", os.getppid()):
             os._exit(1)
@@ -62,17 +89,23 @@ def _setup(settings: dict) -> tuple[int, int]:
     limits = settings.get("rlimits", {})
     for name, (soft, hard) in limits.items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
+    workdir = settings.get("workdir")
+    if workdir:  # fallback mode: a private directory made by the pool
+        os.chdir(workdir)
+        os.environ.update(HOME=workdir, TMPDIR=workdir)
+    elif settings.get("home"):
+        os.chdir(settings["home"])
 
-    ctl_in = os.dup(0)
-    ctl_out = os.dup(1)
-    for fd in (ctl_in, ctl_out):
-        os.set_inheritable(fd, False)
+    # Private control descriptors above 2, closed on exec; 0, 1 and 2 point at /dev/null.
+    ctl = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (ctl_in, ctl_out))
+    for fd in {ctl_in, ctl_out} - {0, 1, 2}:
+        os.close(fd)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    return ctl_in, ctl_out
+    return ctl
 
 
 def _std_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
@@ -243,23 +276,31 @@ class Interpreter:
         return last
 
 
-def main() -> None:
-    settings = json.loads(sys.argv[1])
-    ctl_in, ctl_out = _setup(settings)
-    for name in settings.get("preload", []):
-        try:
-            __import__(name)
-        except Exception:
-            pass
+def _lines(fd: int, rest: bytes = b""):
+    """Lines read from `fd`, after those in `rest` (what the bootstrap read past its own line)."""
+    buf = bytearray(rest)
+    while True:
+        end = buf.find(b"\n")
+        while end >= 0:
+            yield bytes(buf[:end])
+            del buf[:end + 1]
+            end = buf.find(b"\n")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return
+        buf += chunk
+
+
+def serve(ctl_in: int, ctl_out: int, rest: bytes = b"") -> None:
+    """Answer the pool's requests until it closes the control pipe."""
     interp = Interpreter()
-    reader = os.fdopen(ctl_in, "rb", buffering=1 << 16)
     writer = os.fdopen(ctl_out, "wb", buffering=0)
 
     def send(msg: dict) -> None:
         writer.write(json.dumps(msg).encode() + b"\n")
 
     send({"ready": True, "pid": os.getpid(), "uid": os.getuid()})
-    for line in reader:
+    for line in _lines(ctl_in, rest):
         try:
             req = json.loads(line)
         except ValueError:
@@ -269,5 +310,12 @@ def main() -> None:
         send(result)
 
 
-if __name__ == "__main__":
-    main()
+def main(settings: dict, rest: bytes = b"") -> None:
+    """One process per session (bubblewrap as an ordinary user): stdin and stdout are the pipes."""
+    ctl_in, ctl_out = _setup(settings)
+    for name in settings.get("preload", []):
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    serve(ctl_in, ctl_out, rest)
