@@ -1,10 +1,10 @@
 """Rollout throughput: HFGenerator against `model.generate`, its cost per length, and multi-turn.
 
 Decoding cost by length (--lengths): 16 rows, prompts of 16..200 tokens (left-padded), sampling at
-temperature 1 with no top-k / top-p and no stops, exactly N new tokens per row. On the CPU the
-model is the demo's size (a random 2-layer Qwen3, hidden 160, 640-token vocabulary, 1 thread) with
-8k+ positions; on a GPU (the default when one is visible) a random Qwen3-0.6B-shaped model in
-bfloat16, 64 rows. Printed, side by side in one run:
+temperature 1 with no top-k / top-p and no stops, exactly N new tokens per row. On the CPU: a
+random 2-layer Qwen3 (hidden 256, 4 query / 2 key-value heads of 64, a 640-token vocabulary like
+the demo's, 8k+ positions), float32, 1 thread; on a GPU (the default when one is visible) a
+random Qwen3-0.6B-shaped model in bfloat16, 64 rows. Printed, side by side in one run:
 * a length table (256, 512, 1,024, 2,048, 4,096 new tokens; 8,192 with --long) of HFGenerator's
   tokens/s and its ratio to 256 tokens;
 * at --ref-length (2,048) tokens: HFGenerator vs itself at 256 (target >= 0.4x), vs transformers'
@@ -291,8 +291,11 @@ def multi_turn(args, model) -> None:
 
 
 # Model and batch defaults by part: (CPU, GPU) for --lengths, one set for the single-turn part.
-_LENGTHS_CPU = dict(vocab=640, hidden=160, layers=2, heads=5, kv_heads=5, head_dim=32,
-                    intermediate=640, batch=16, dtype="float32", threads=1)
+# On the CPU: the single-turn model's shape (4 / 2 heads of 64, as Qwen3 shares kv heads) with
+# 2 layers and a demo-sized vocabulary, the issue's "random 2-layer Qwen3 with 8k positions".
+# The demo model's own shape: --hidden 160 --heads 5 --kv-heads 5 --head-dim 32 --intermediate 640.
+_LENGTHS_CPU = dict(vocab=640, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
+                    intermediate=768, batch=16, dtype="float32", threads=1)
 _LENGTHS_GPU = dict(vocab=151_936, hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
                     intermediate=3072, batch=64, dtype="bfloat16", threads=0)
 _SINGLE_TURN = dict(vocab=151_936, hidden=256, layers=4, heads=None, kv_heads=None, head_dim=64,
