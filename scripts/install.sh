@@ -16,7 +16,7 @@ if [ "${IHGRPO_SKIP_TORCH:-0}" != "1" ] && ! "$PY" -c "import torch" >/dev/null 
     echo "[install] no torch in $VENV: installing torch==$TORCH_VERSION first"
     "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
-"$PY" -m pip install -q -e ".[test,plot]"
+"$PY" -m pip install -q -e ".[test]"
 # The sandbox isolates model code with bubblewrap; without it, it falls back loudly to rlimits only.
 if ! command -v bwrap >/dev/null 2>&1; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -17,8 +17,45 @@ def test_packaged_paper_configs_follow_the_paper():
         assert cfg.algo.lam == lam and cfg.rollout.max_turns == 5 and cfg.rollout.group_size == 8
         assert cfg.prompts_per_step == 16 and cfg.optim.lr == 1e-6 and cfg.optim.betas == (0.9, 0.99)
         assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.dual_clip) == (0.2, 0.28, 3.0)
-        assert cfg.rollout.max_response_tokens == 8000 and cfg.rollout.max_observation_tokens == 256
+        assert cfg.rollout.max_observation_tokens == 256
         assert cfg.algo.oversample == 3.0 and cfg.algo.kl_coef == 0 and cfg.algo.entropy_coef == 0
+        # the release's budgets: 8,000 generated tokens per turn within a 16,000-token context
+        assert cfg.rollout.max_tokens_per_turn == 8000 and cfg.rollout.max_context_tokens == 16000
+        assert cfg.rollout.max_response_tokens >= cfg.rollout.max_context_tokens  # the context binds
+        # void and truncated trajectories leave the loss; groups with < 4 of 8 complete rollouts go
+        assert cfg.algo.mask_void and cfg.algo.mask_truncated and cfg.algo.min_valid == 4
+        # SimpleRL MATH levels 3-5 + DeepScaleR
+        assert isinstance(cfg.data.train, list) and len(cfg.data.train) == 2
+        assert cfg.data.train[0].endswith("simplelr_math35_train.parquet") and "DeepScaleR" in cfg.data.train[1]
+    assert load_config(None).algo.min_valid == 0 and load_config(None).rollout.max_context_tokens is None
+
+
+def test_several_training_sources(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"question": "1+1?", "answer": 2}\n{"question": "2+2?", "answer": 4}\n')
+    b.write_text('{"question": "3+3?", "answer": 6}\n')
+    cfg = load_config(None, [f"data.train=[{a}, {b}]", "data.max_examples=1"])
+    assert cfg.data.train == [str(a), str(b)]
+    ex = load_examples(cfg.data.train, limit=cfg.data.max_examples)  # the limit is per source
+    assert [(e.question, e.source) for e in ex] == [("1+1?", "a"), ("3+3?", "b")]
+    assert len(load_examples([str(a), str(b)])) == 3 and len(load_examples(str(a))) == 2
+    assert load_config(None, [f"data.train={a}"]).data.train == str(a)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"data:\n  train:\n    - {a}\n    - {b}\n")
+    assert load_config(str(yaml_file)).data.train == [str(a), str(b)]
+    dump_config(load_config(str(yaml_file)), tmp_path / "d.yaml")
+    assert load_config(str(tmp_path / "d.yaml")).data.train == [str(a), str(b)]
+    with pytest.raises(DataError, match="no dataset"):
+        load_examples([])
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, ["data.train=[1, [2]]"])
+
+
+def test_min_valid_cannot_exceed_the_group():
+    with pytest.raises(ConfigError, match="algo.min_valid"):
+        load_config("qwen3-1.7b", ["rollout.group_size=2"])  # min_valid 4 of 2: every group would go
+    with pytest.raises(ConfigError, match="rollout.max_context_tokens"):
+        load_config(None, ["rollout.max_context_tokens=0"])
 
 
 def test_overrides_and_round_trip(tmp_path):

@@ -18,20 +18,6 @@ QUIET = lambda msg: None  # noqa: E731
 FAST = ["max_response_tokens=24", "max_turns=2", "sandbox_workers=1", "viewer_samples=1", "k=2"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ihgrpo.demo.model import build_model
-    from ihgrpo.demo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(n_corpus=60)
-    model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=16, intermediate_size=64)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, tok
-
-
 @pytest.fixture
 def arith(tmp_path):
     path = tmp_path / "arith.jsonl"
@@ -53,7 +39,7 @@ def test_auto_is_hf_without_vllm_or_gpu(tiny, arith, tmp_path):
 
     if not _no_vllm() and torch.cuda.is_available():
         pytest.skip("vLLM and a GPU are here: auto is vllm")
-    path, _ = tiny
+    path, _, _ = tiny
     cfg = load_eval_config(None, [f"model={path}", *FAST])
     assert cfg.rollout.backend == "auto" and cfg.rollout.vllm_gpu_memory_utilization == 0.9
     res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
@@ -62,7 +48,7 @@ def test_auto_is_hf_without_vllm_or_gpu(tiny, arith, tmp_path):
 
 @pytest.mark.skipif(not _no_vllm(), reason="vLLM is installed here")
 def test_backend_vllm_without_vllm_exits_2(tiny, arith, tmp_path, capsys):
-    path, _ = tiny
+    path, _, _ = tiny
     code = eval_main(["--model", str(path), "--benchmark", f"arith={arith}", "--out", str(tmp_path / "o"),
                       "--backend", "vllm", *FAST])
     err = capsys.readouterr().err.strip().splitlines()
@@ -75,7 +61,7 @@ def test_backend_vllm_without_vllm_exits_2(tiny, arith, tmp_path, capsys):
 def test_eval_through_the_vllm_adapter(tiny, arith, tmp_path, monkeypatch):
     """--backend vllm: the engine starts on the model path (no weights loaded here), gets per-sample
     seeds, and its outputs are scored like any other."""
-    path, tok = tiny
+    path, _, tok = tiny
     started = {}
 
     def script(prompt, seed):  # noqa: ARG001 - an answer, then EOS
@@ -92,6 +78,11 @@ def test_eval_through_the_vllm_adapter(tiny, arith, tmp_path, monkeypatch):
     cfg = load_eval_config(None, [f"model={path}", *FAST, "backend=vllm", "seed=3"])
     res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
     assert started["model"] == str(path) and started["seed"] == 3
+    # the engine options are the trainer's (one function), for an evaluation: no sleep, no per-rank dir
+    from ihgrpo.rollout.backends import vllm_options
+
+    options = {k: v for k, v in started.items() if k not in ("model", "engine")}
+    assert options == vllm_options(cfg.rollout, dtype=res["settings"]["dtype"], seed=3, trust_remote_code=False)
     assert started["gpu_memory_utilization"] == 0.9 and started["logprobs_mode"] == "raw_logprobs"
     assert res["settings"]["backend"] == "vllm"
     arith_res = res["benchmarks"]["arith"]
@@ -99,3 +90,70 @@ def test_eval_through_the_vllm_adapter(tiny, arith, tmp_path, monkeypatch):
     seeds = [sp.seed for _, sp in started["engine"].requests]
     assert len(seeds) == 4 and len(set(seeds)) == 4  # each sample its own stream
     assert all(sp.stop_token_ids and sp.ignore_eos for _, sp in started["engine"].requests)
+
+
+def _fake_vllm(monkeypatch, tok):
+    """vllm.LLM as the fake: records what each engine was started with."""
+    started = []
+
+    def script(prompt, seed):  # noqa: ARG001
+        return tok.encode("\\boxed{5}", add_special_tokens=False) + [tok.eos_token_id]
+
+    def LLM(model, **kwargs):  # noqa: N802 - vllm.LLM
+        engine = FakeVLLMEngine(script, lambda ids: tok.decode(ids), kwargs["logprobs_mode"])
+        started.append({"model": model, "engine": engine, **kwargs})
+        return engine
+
+    monkeypatch.setattr(vllm_mod, "import_vllm", lambda: types.SimpleNamespace(**vars(FAKE_VLLM), LLM=LLM))
+    return started
+
+
+def _checkpoint(run, model_dir_writer):
+    """A training checkpoint's layout: RUN/checkpoints/step-1/{state.json, model/}."""
+    ck = run / "checkpoints" / "step-1"
+    model_dir_writer(ck / "model")
+    (ck / "state.json").write_text(json.dumps({"step": 1}))
+    return ck
+
+
+def test_vllm_eval_of_a_training_checkpoint_starts_on_its_model_dir(tiny, arith, tmp_path, monkeypatch):
+    import shutil
+
+    path, _, tok = tiny
+    started = _fake_vllm(monkeypatch, tok)
+    ck = _checkpoint(tmp_path / "run", lambda d: shutil.copytree(path, d))
+    cfg = load_eval_config(None, [f"model={ck}", *FAST, "backend=vllm"])
+    res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
+    assert [s["model"] for s in started] == [str(ck / "model")]
+    assert res["benchmarks"]["arith"]["avg@k"] == 0.5
+
+
+def test_vllm_eval_of_a_lora_checkpoint_syncs_the_merged_model(tiny, arith, tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, _, tok = tiny
+    base = AutoModelForCausalLM.from_pretrained(path)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    lora.peft_config["default"].base_model_name_or_path = str(path)
+
+    def write(d):
+        lora.save_pretrained(d)
+        tok.save_pretrained(d)
+
+    ck = _checkpoint(tmp_path / "run", write)
+    merged = dict(copy.deepcopy(lora).merge_and_unload().named_parameters())
+    started = _fake_vllm(monkeypatch, tok)
+    cfg = load_eval_config(None, [f"model={ck}", *FAST, "backend=vllm"])
+    res = run_eval(cfg, tmp_path / "out", benchmarks=[f"arith={arith}"], echo=QUIET)
+    [s] = started  # one engine: on the base's config with placeholder weights, then the merged weights
+    assert s["load_format"] == "dummy" and s["model"] != str(ck / "model")
+    loaded = s["engine"].loaded
+    assert list(loaded) == list(merged)
+    for name, t in merged.items():
+        torch.testing.assert_close(loaded[name], t.detach(), rtol=0, atol=1e-6)
+    assert res["benchmarks"]["arith"]["avg@k"] == 0.5

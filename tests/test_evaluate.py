@@ -21,21 +21,6 @@ FAST = ["max_response_tokens=24", "max_turns=2", "sandbox_workers=1", "viewer_sa
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny demo-architecture model (random weights) and its tokenizer, saved to a folder."""
-    from ihgrpo.demo.model import build_model
-    from ihgrpo.demo.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(n_corpus=60)
-    model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=16, intermediate_size=64)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, model, tok
-
-
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -155,6 +140,48 @@ def test_paper_k_defaults(shared_data):
                                     load_eval_config(None, [f"data_dir={shared_data / 'math'}", "limit=1", "k=3"]),
                                     echo=print)
     assert all(b.k == 3 for b in benches) and benches[-1].name == "mine"
+
+
+# The release's OlympiadBench rows: pandas 3.1.1 (numpy 2.4.6) on the shared 674-row file,
+# `df.sample(n=500, random_state=42).index[:10]`.
+OLYMPIAD_FIRST_ROWS = [608, 302, 621, 548, 375, 54, 643, 257, 661, 641]
+
+
+def _olympiad_questions(shared_data):
+    from ihgrpo.data import load_examples
+
+    return [e.question for e in load_examples(str(shared_data / "math" / "olympiad.parquet"))]
+
+
+@pytest.mark.shared_data
+def test_olympiad_is_the_releases_500_problem_subsample(shared_data):
+    rows = _olympiad_questions(shared_data)
+    assert len(rows) == 674
+    s = load_eval_config(None, [f"data_dir={shared_data / 'math'}"])
+    [b], _ = resolve_benchmarks(["olympiad"], s, echo=lambda m: None)
+    assert len(b.problems) == 500 == len({p.index for p in b.problems})
+    assert [p.index for p in b.problems[:10]] == OLYMPIAD_FIRST_ROWS  # pandas' order, not sorted
+    assert all(p.question == rows[p.index] for p in b.problems)
+    [paper_olympiad] = [x for x in resolve_benchmarks(["paper"], s, echo=lambda m: None)[0] if x.name == "olympiad"]
+    assert [p.index for p in paper_olympiad.problems] == [p.index for p in b.problems]
+    # all 674 rows, in file order, under their own name; a limit takes the first of the selection
+    [full], _ = resolve_benchmarks(["olympiad-full"], s, echo=lambda m: None)
+    assert full.name == "olympiad-full" and full.k == 8
+    assert [p.question for p in full.problems] == rows
+    limited = load_eval_config(None, [f"data_dir={shared_data / 'math'}", "limit=3"])
+    [b3], _ = resolve_benchmarks(["olympiad"], limited, echo=lambda m: None)
+    assert [p.index for p in b3.problems] == OLYMPIAD_FIRST_ROWS[:3]
+
+
+@pytest.mark.shared_data
+def test_olympiad_subsample_equals_pandas_sample(shared_data):
+    pd = pytest.importorskip("pandas", reason="the cross-check needs pandas (test extra); the product does not")
+    frame = pd.read_parquet(shared_data / "math" / "olympiad.parquet")
+    expected = frame.sample(n=500, random_state=42)
+    s = load_eval_config(None, [f"data_dir={shared_data / 'math'}"])
+    [b], _ = resolve_benchmarks(["olympiad"], s, echo=lambda m: None)
+    assert [p.index for p in b.problems] == [int(i) for i in expected.index]
+    assert [p.gold for p in b.problems] == [r["ground_truth"] for r in expected["reward_model"]]
 
 
 # ----------------------------------------------------------------------------- bad input

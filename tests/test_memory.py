@@ -136,6 +136,43 @@ def test_training_estimate_reads_the_run_settings():
     assert est.parameters == 4 * (n + lora_n) // 2 and est.gradients == 4 * lora_n // 2
 
 
+def test_kl_reference_copy_is_counted():
+    """algo.kl_coef > 0 without LoRA deep-copies the model as the KL reference: its weights (in the
+    weights' dtype, sharded under FSDP) stay on the GPU through both phases. With LoRA the
+    reference is the base with the adapters off: no copy."""
+    from types import SimpleNamespace
+
+    from ihgrpo.config import load_config
+    from ihgrpo.memory import training_estimate
+
+    cfg = _qwen3_8b_config()
+    n = count_parameters(cfg)
+    kw = dict(n_params=n, n_trainable=n, precision=AUTO_GPU, rows=16, tokens=8192)
+    plain = estimate_memory(model_shape(cfg), **kw)
+    ref = estimate_memory(model_shape(cfg), **kw, reference=True)
+    assert plain.reference == 0 and ref.reference == 4 * n  # fp32 weights, no gradients or optimizer state
+    assert ref.rollout_phase == plain.rollout_phase + 4 * n and ref.update_phase == plain.update_phase + 4 * n
+    bf = estimate_memory(model_shape(cfg), **{**kw, "precision": Precision(torch.bfloat16)}, reference=True)
+    assert bf.reference == 2 * n
+    sharded = estimate_memory(model_shape(cfg), **kw, processes=8, fsdp=True, reference=True)
+    assert sharded.reference == 4 * n // 8
+    assert "reference 30.5" in ref.summary()
+    with pytest.raises(ConfigError, match=r"reference 30\.5.*algo\.kl_coef=0"):
+        ref.check(ref.total - 1)
+
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(_tiny_config())
+    m = count_parameters(model)
+    est = training_estimate(load_config("qwen3-1.7b", ["algo.kl_coef=0.01"]), model, precision=AUTO_GPU,
+                            processes=1, prompt_tokens=24)
+    assert est.reference == 4 * m
+    assert training_estimate(load_config("qwen3-1.7b", []), model, precision=AUTO_GPU, processes=1,
+                             prompt_tokens=24).reference == 0
+    lora = load_config("qwen3-1.7b", ["algo.kl_coef=0.01"])
+    lora.lora = SimpleNamespace(r=2, target_modules=["all-linear"])
+    assert training_estimate(lora, model, precision=AUTO_GPU, processes=1, prompt_tokens=24).reference == 0
+
+
 def test_vllm_backend_holds_the_rollout_in_its_own_share():
     """With rollout.backend vllm the generation weights and KV cache are the engine's (inside its
     rollout.vllm_gpu_memory_utilization share); asleep during the update it gives that share back."""

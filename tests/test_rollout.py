@@ -134,6 +134,28 @@ def test_per_turn_budget(tok, pool):
     assert traj.truncated and traj.turns[0].n_tokens == 30
 
 
+def test_context_budget_counts_the_prompt_and_the_observations(tok, pool):
+    """The release's budget: a turn may write up to max_tokens_per_turn, and prompt + response +
+    observations stay within max_context_tokens (distinct from the response-only budget)."""
+    first = enc(tok, DEFER_TWO) + [E]
+    long = enc(tok, "word " * 400)
+    engine, _ = engine_for(tok, pool, turn_player(tok, [first, long]), max_tokens_per_turn=300,
+                           max_response_tokens=5000, max_context_tokens=10_000)
+    prompt = len(engine.rollout(["q"], 1, PARAMS)[0].prompt_ids)
+    context = prompt + len(first) + 60  # the observation takes some of the last 60
+    engine, _ = engine_for(tok, pool, turn_player(tok, [first, long]), max_tokens_per_turn=300,
+                           max_response_tokens=5000, max_context_tokens=context)
+    [traj] = engine.rollout(["q"], 1, PARAMS)
+    assert traj.truncated and traj.turns[-1].end is TurnEnd.BUDGET
+    assert len(traj.prompt_ids) + len(traj.response_ids) == context
+    n_obs = traj.mask.count(0)
+    assert n_obs > 0 and traj.turns[1].n_tokens == context - prompt - len(first) - n_obs < 300
+    # a prompt that fills the context leaves no room: truncated before any generation
+    engine, gen = engine_for(tok, pool, turn_player(tok, [first]), max_context_tokens=prompt)
+    [traj] = engine.rollout(["q"], 1, PARAMS)
+    assert traj.truncated and traj.response_ids == [] and gen.calls == 0
+
+
 def test_observation_pushing_past_the_budget_truncates(tok, pool):
     turn = enc(tok, "```python\nprint('y' * 3000)\n```\n") + [E]
     engine, _ = engine_for(tok, pool, turn_player(tok, [turn, enc(tok, "\\boxed{2}") + [EOS]]),

@@ -17,13 +17,13 @@ SRC = Path(ihgrpo.__file__).resolve().parent
 
 # Lower layers never import higher ones (imports inside a layer are free).
 LAYERS = [
-    ("ihgrpo.protocol", "ihgrpo.utils", "ihgrpo.registry", "ihgrpo.losses", "ihgrpo.precision", "ihgrpo.sandbox",
-     "ihgrpo.testing"),
-    ("ihgrpo.data", "ihgrpo.models", "ihgrpo.rewards", "ihgrpo.viewer"),
+    ("ihgrpo.protocol", "ihgrpo.utils", "ihgrpo.registry", "ihgrpo.losses", "ihgrpo.precision", "ihgrpo.rng",
+     "ihgrpo.sandbox", "ihgrpo.testing"),
+    ("ihgrpo.data", "ihgrpo.models", "ihgrpo.vocab", "ihgrpo.rewards", "ihgrpo.viewer"),
     ("ihgrpo.rollout",),
     ("ihgrpo.config",),
     ("ihgrpo.memory",),
-    ("ihgrpo.trainer", "ihgrpo.eval"),
+    ("ihgrpo.trainer", "ihgrpo.eval", "ihgrpo.dist", "ihgrpo.lora", "ihgrpo.diagnostics"),
     ("ihgrpo.demo", "ihgrpo.cli", "ihgrpo.evaluate"),
 ]
 
@@ -113,6 +113,27 @@ def test_registered_names_resolve_in_the_core():
         registry.register("model", "bad", "no-colon")
     with pytest.raises(ValueError, match="unknown source kind"):
         registry.lookup("tokenizer", "x")
+
+
+def tiny_model():
+    from ihgrpo.demo.model import build_model
+    from ihgrpo.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(n_corpus=20)
+    return build_model(tok, seed=0, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, intermediate_size=32), tok
+
+
+def test_model_dtype_applies_to_a_registered_model():
+    import torch
+
+    from ihgrpo.models import load_model_and_tokenizer
+
+    registry.register("model", "fake-tiny", f"{__name__}:tiny_model")
+    model, _ = load_model_and_tokenizer("fake-tiny", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = load_model_and_tokenizer("fake-tiny")  # auto: as the source built it
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_the_demo_registers_its_sources():

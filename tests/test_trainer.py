@@ -235,3 +235,52 @@ def test_two_processes_dynamic_sampling_share_prompts_and_resume_after_sigkill(t
     b = (killed / "metrics.jsonl").read_text().splitlines()
     assert len(a) == 3
     assert _strip_time(a) == _strip_time(b)
+
+
+def test_gradients_left_on_a_model_handed_in_do_not_leak_into_the_update(tmp_path):
+    """The demo trained its SFT start in memory: its last gradients stayed on the parameters and
+    the first RL update added them in, so a fresh start and the same weights reloaded differed."""
+    def reward(answers, golds):  # noqa: ARG001
+        return [float(i % 2) for i in range(len(answers))]
+
+    weights = {}
+    for name in ("clean", "stale"):
+        tok, model = _tiny()
+        if name == "stale":
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)
+        trainer = GRPOTrainer(_cfg(tmp_path / name, "max_steps=1"), model=model, tokenizer=tok,
+                              examples=EXAMPLES, reward_fn=reward)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        weights[name] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights["clean"], weights["stale"]))
+
+
+def test_groups_with_too_few_complete_rollouts_are_dropped(tmp_path):
+    """algo.min_valid (the release's min_n): a group needs that many non-truncated rollouts."""
+    tok, model = _tiny()
+    cfg = _cfg(tmp_path, "max_steps=1", "algo.min_valid=2", "algo.dynamic_sampling=false",
+               "rollout.max_response_tokens=6", "rollout.max_turns=1", "prompts_per_step=3")
+    trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=EXAMPLES,
+                          reward_fn=lambda a, g: [float(i % 2) for i in range(len(a))])
+    seen = []
+    real = trainer.engine.rollout
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.extend(out)
+        return out
+
+    trainer.engine.rollout = spy
+    try:
+        [m] = trainer.train()
+    finally:
+        trainer.close()
+    groups = [seen[g:g + 4] for g in range(0, len(seen), 4)]
+    complete = [sum(not t.truncated for t in grp) for grp in groups]
+    assert len(groups) == 3 and any(c < 2 for c in complete)  # a random model rarely stops in 6 tokens
+    assert m["groups_kept"] == sum(c >= 2 for c in complete)
+    assert m["groups_dropped_truncated"] == sum(c < 2 for c in complete)

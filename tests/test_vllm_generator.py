@@ -209,6 +209,59 @@ def test_lora_weights_are_merged_without_touching_the_model():
     assert all(torch.equal(before[n], p) for n, p in lora.named_parameters())  # unmodified
 
 
+def test_injected_lora_model_is_merged_as_the_trainer_syncs_it():
+    """The trainer syncs the model with the adapters injected (Adapters.model, no PeftModel wrapper):
+    the engine still gets plain names with the adapters merged in."""
+    peft = pytest.importorskip("peft")
+    _, model = _tiny()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    injected = lora.get_base_model()
+    got = dict(engine_weights(injected))
+    want = dict(copy.deepcopy(lora).merge_and_unload().named_parameters())
+    assert list(got) == list(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t.detach(), rtol=0, atol=1e-6)
+    gen, engine = gen_for(play(4, 7), weights_loaded=False)
+    gen.sync_weights(injected)
+    assert not any("lora_" in n or "base_layer" in n for n in engine.loaded)
+
+
+def test_engine_per_rank_under_torchrun_is_independent(tmp_path, monkeypatch):
+    """Under torchrun (world 2) each rank starts its own engine with the external launcher and
+    tensor/pipeline/data parallel sizes of 1: vLLM's "external DP", no collectives while generating,
+    so ranks may send different prompts and a different number of generate calls."""
+    import types
+
+    import ihgrpo.rollout.vllm as vllm_mod
+    from ihgrpo.config import load_config
+    from ihgrpo.rollout.backends import vllm_options
+
+    tok, model = _tiny()
+    started = {}
+
+    def LLM(model, **kwargs):  # noqa: N802 - vllm.LLM
+        started.update(model=model, **kwargs)
+        return FakeVLLMEngine(play(4, 7))
+
+    monkeypatch.setattr(vllm_mod, "import_vllm", lambda: types.SimpleNamespace(**vars(FAKE_VLLM), LLM=LLM))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    cfg = load_config(None, ["model.path=unused", "data.train=unused", "rollout.backend=vllm"])
+    opts = vllm_options(cfg.rollout, output_dir=tmp_path, dtype="bfloat16", seed=5, rank=1, world=2,
+                        trust_remote_code=True)
+    VLLMGenerator.for_model(model, tok, **opts)
+    assert started["distributed_executor_backend"] == "external_launcher"
+    sizes = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+    assert [started[k] for k in sizes] == [1, 1, 1]
+    assert started["seed"] == 6 and started["model"] == str(tmp_path / "vllm-engine" / "rank1")
+    assert started["trust_remote_code"] is True and started["enable_sleep_mode"] is True
+    import os
+
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the external launcher's requirement
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        VLLMGenerator.launch("m", distributed=True, data_parallel_size=2)
+
+
 # ----------------------------------------------------------------------------- without vLLM
 def test_missing_vllm_is_a_one_line_error():
     try:

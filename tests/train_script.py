@@ -1,6 +1,6 @@
 """A small GRPO run for tests/test_trainer.py (run as a subprocess so it can be SIGKILLed).
 
-    python tests/train_script.py OUT_DIR MAX_STEPS RESUME(0/1) [dynamic]
+    python tests/train_script.py OUT_DIR MAX_STEPS RESUME(0/1) [dynamic] [key=value ...]
 
 The reward favours even-length answers: a random tiny model gets a signal to learn from.
 `dynamic`: DAPO dynamic sampling over 40 prompts of which every third never has signal, so the
@@ -28,7 +28,8 @@ def reward_some_prompts(answers, golds):
     return [0.0 if int(g) // 2 % 3 == 0 else float(a is not None and len(a) % 2 == 0) for a, g in zip(answers, golds)]
 
 
-def main(out: str, max_steps: int, resume: bool, dynamic: bool = False) -> None:
+def main(out: str, max_steps: int, resume: bool, *extra: str) -> None:
+    dynamic, overrides = "dynamic" in extra, [e for e in extra if e != "dynamic"]
     tok = build_tokenizer(n_corpus=40)
     model = build_model(tok, seed=0, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, head_dim=16, intermediate_size=64)
@@ -39,7 +40,7 @@ def main(out: str, max_steps: int, resume: bool, dynamic: bool = False) -> None:
         f"resume={'true' if resume else 'false'}", "seed=7", "rollout.group_size=4",
         "rollout.max_response_tokens=24", "rollout.max_turns=2", "rollout.sandbox_workers=1",
         "optim.lr=0.003", "optim.micro_batch_size=4", "algo.reward=exact", *sampling,
-        "log.progress=false", "log.tensorboard=false"])
+        "log.progress=false", "log.tensorboard=false", *overrides])
     n = 40 if dynamic else 6
     examples = [Example(f"What is {i} + {i}?", str(2 * i), str(i)) for i in range(n)]
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, examples=examples,
@@ -66,4 +67,4 @@ def main(out: str, max_steps: int, resume: bool, dynamic: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", len(sys.argv) > 4 and sys.argv[4] == "dynamic")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", *sys.argv[4:])

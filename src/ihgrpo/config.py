@@ -44,11 +44,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # parquet / JSONL path, a Hugging Face dataset name, or "demo"
+    # parquet / JSONL path, a Hugging Face dataset name, or "demo"; or a list of them (concatenated)
+    train: str | list[str] = ""
     question_key: str = "question"  # for JSONL / HF datasets (verl parquet is detected)
     answer_key: str = "answer"
     split: str = "train"  # for Hugging Face datasets
-    max_examples: int | None = None
+    max_examples: int | None = None  # per source
     shuffle: bool = True
 
 
@@ -57,8 +58,9 @@ class RolloutSection:
     mode: Literal["delayed", "coupled"] = "delayed"
     group_size: int = 8
     max_turns: int = 5
-    max_response_tokens: int = 8000
-    max_tokens_per_turn: int | None = None
+    max_response_tokens: int = 8000  # model + observation tokens after the prompt
+    max_tokens_per_turn: int | None = None  # generated tokens per turn (None: up to the response budget)
+    max_context_tokens: int | None = None  # prompt + response + observations (None: no limit of its own)
     max_observation_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -89,6 +91,7 @@ class RolloutSection:
         return RolloutConfig(
             mode=self.mode, max_turns=self.max_turns, max_response_tokens=self.max_response_tokens,
             max_tokens_per_turn=self.max_tokens_per_turn, max_observation_tokens=self.max_observation_tokens,
+            max_context_tokens=self.max_context_tokens,
             exec_timeout_s=self.exec_timeout_s, straggler_wait_s=self.straggler_wait_s,
             execute_token=self.execute_token, instruction=self.instruction, enable_thinking=self.enable_thinking,
             max_batch_rows=self.max_batch_rows)
@@ -126,6 +129,7 @@ class AlgoConfig:
     oversample: float = 3.0  # at most this many times prompts_per_step are rolled out per step
     mask_void: bool = False  # drop void trajectories from the gradient (their reward still counts)
     mask_truncated: bool = False  # drop truncated trajectories from the gradient
+    min_valid: int = 0  # drop groups with fewer non-truncated rollouts (the release's min_n); 0: off
     reward: Literal["math_verify", "exact"] = "math_verify"
     reward_timeout_s: float = 5.0
     # importance sampling against the generator's log-probs: tis multiplies each token's loss by
@@ -153,6 +157,31 @@ class LogConfig:
     wandb_project: str = "ihgrpo"
     progress: bool = True
     sample_every: int = 0  # write rollouts.jsonl samples every N steps (0: never)
+    # log diag/q_kl_at_E and diag/e_share_at_E (ihgrpo.diagnostics): two extra no-grad forwards a step
+    update_diagnostics: bool = False
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters through PEFT (`pip install 'ihgrpo[lora]'`): only the adapters train and
+    are saved in checkpoints; the KL reference (if any) is the base with the adapters off."""
+
+    r: int = 0  # adapter rank; 0: off (full fine-tuning)
+    alpha: float = 16.0  # scaling: the adapter's update is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (0: the rollout and the loss see the same policy)
+    # module names (q_proj,v_proj) or all-linear: every linear layer of the blocks, not the output layer
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class DistributedSection:
+    """How the policy is spread over the processes that `accelerate launch` / `torchrun` start."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: a full copy per process; fsdp: FSDP2, weights/grads/optimizer sharded
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (ZeRO-3); false: faster, more memory
+    cpu_offload: bool = False  # fsdp: keep the shards, gradients and optimizer state in CPU memory (slow; for memory)
+    wrap_class: str | None = None  # fsdp: the block class sharded as one unit (default: the model's, e.g. Qwen3DecoderLayer)
+    mixed_precision: bool = True  # fsdp under bf16 autocast: gather bf16 copies of the fp32 shards, reduce grads in fp32
 
 
 @dataclass
@@ -163,6 +192,8 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     prompts_per_step: int = 16
     output_dir: str = "runs/ihgrpo"
     max_steps: int = 100
@@ -227,6 +258,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, get_args(tp)))}, got {value!r}")
         return value
+    if origin is list:
+        if isinstance(value, str):  # key=a,b on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, get_args(tp)[0], key) for v in value]
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -280,7 +317,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-SECTIONS = ("model", "data", "rollout", "algo", "optim", "log")
+SECTIONS = ("model", "data", "rollout", "algo", "optim", "log", "lora", "distributed")
 
 
 def _field_type(cfg: Any, parts: list[str]) -> Any:
@@ -299,7 +336,8 @@ def _parse_value(tp: Any, raw: str) -> Any:
     args = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else ()
     if type(None) in args and raw.strip().lower() in ("none", "null", "~"):
         return None
-    if tp is str or (args and str in args):
+    listed = any(get_origin(a) is list for a in args) and raw.strip().startswith("[")
+    if (tp is str or (args and str in args)) and not listed:
         return raw  # text as written (YAML would read "a: b" as a mapping and strip quotes)
     try:
         return yaml.safe_load(raw) if raw.strip() else ""
@@ -373,6 +411,8 @@ def _rollout_checks(r: RolloutSection) -> list[tuple[bool, str]]:
         (r.max_response_tokens >= 1, f"rollout.max_response_tokens: must be >= 1, got {r.max_response_tokens}"),
         (r.max_tokens_per_turn is None or r.max_tokens_per_turn >= 1,
          f"rollout.max_tokens_per_turn: must be >= 1 (or none), got {r.max_tokens_per_turn}"),
+        (r.max_context_tokens is None or r.max_context_tokens >= 1,
+         f"rollout.max_context_tokens: must be >= 1 (or none), got {r.max_context_tokens}"),
         (r.max_observation_tokens >= 1,
          f"rollout.max_observation_tokens: must be >= 1, got {r.max_observation_tokens}"),
         (r.exec_timeout_s > 0, f"rollout.exec_timeout_s: must be > 0, got {r.exec_timeout_s}"),
@@ -400,6 +440,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.rollout.temperature > 0, "rollout.temperature: must be > 0 for RL sampling"),
         *_rollout_checks(cfg.rollout),
         (cfg.algo.oversample >= 1, "algo.oversample: must be >= 1"),
+        (0 <= cfg.algo.min_valid <= cfg.rollout.group_size,
+         f"algo.min_valid: must be in [0, rollout.group_size={cfg.rollout.group_size}] (a group needs that many "
+         f"non-truncated rollouts), got {cfg.algo.min_valid}; lower it (0 = off) with the group size"),
         (0 <= cfg.algo.clip_low < 1 and cfg.algo.clip_high >= 0, "algo.clip_low/clip_high: bad range"),
         (cfg.algo.dual_clip > 1, "algo.dual_clip: must be > 1"),
         (cfg.algo.lam >= 0, "algo.lam: must be >= 0"),
@@ -407,6 +450,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.lr > 0, "optim.lr: must be > 0"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size: must be >= 1"),
         (cfg.optim.updates_per_step >= 1, "optim.updates_per_step: must be >= 1"),
+        (cfg.lora.r >= 0, "lora.r: must be >= 0 (0 = no LoRA)"),
+        (cfg.lora.alpha > 0, "lora.alpha: must be > 0"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout: must be in [0, 1)"),
+        (bool(cfg.lora.target_modules), "lora.target_modules: name at least one module, or all-linear"),
+        (not (cfg.distributed.strategy == "fsdp" and cfg.rollout.backend != "hf"),
+         "distributed.strategy=fsdp samples with the hf backend only (vLLM's weight sync needs whole weights): "
+         "set rollout.backend=hf, or use ddp"),
     ])
 
 

@@ -100,10 +100,15 @@ def read_rows(path: Path) -> Iterable[tuple[str, Any]]:
                 raise DataError(f"{path}: line {i + 1}: invalid JSON ({exc})") from None
 
 
-def load_examples(spec: str, *, question_key: str = "question", answer_key: str = "answer",
+def load_examples(spec: str | list[str], *, question_key: str = "question", answer_key: str = "answer",
                   split: str = "train", limit: int | None = None) -> list[Example]:
     """Loads a dataset: a registered name (``demo``), a .parquet / .jsonl / .json path, or a
-    Hugging Face dataset name."""
+    Hugging Face dataset name; or a list of them, concatenated in order (``limit`` per source)."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise DataError("no dataset given (data.train is an empty list)")
+        return [e for one in spec for e in load_examples(one, question_key=question_key, answer_key=answer_key,
+                                                        split=split, limit=limit)]
     if not spec:
         raise DataError("no dataset given (data.train)")
     loader = registry.lookup("dataset", spec)

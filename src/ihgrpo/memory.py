@@ -6,6 +6,8 @@ dtype w (4 for `model.dtype: auto`, 2 for bfloat16) and the compute dtype c (2 u
     parameters   N   x w                      / processes, under FSDP
     gradients    N_t x w                      / processes, under FSDP
     optimizer    N_t x w x 2 (AdamW m and v)  / processes, under FSDP
+    reference    N   x w                      / processes, under FSDP: the KL reference's frozen
+                 copy (algo.kl_coef > 0 without LoRA; with LoRA it is the base, adapters off)
     generation   N   x c, the weights the rollout reads in the compute dtype: autocast's cached
                  bf16 casts of fp32 weights, or the gathered copy of sharded ones (FSDP); none when
                  the weights already are in c and whole, nor for LoRA's frozen base without FSDP
@@ -19,8 +21,8 @@ dtype w (4 for `model.dtype: auto`, 2 for bfloat16) and the compute dtype c (2 u
                  layer's; plus the chunked output layer's buffers
 
 Gradients are freed after every optimizer step, so the rollout holds parameters + optimizer +
-generation + KV cache and the update parameters + gradients + optimizer + activations; the
-estimate is the larger. The check refuses (ConfigError: `ihgrpo train` exits 2) when it exceeds
+reference + generation + KV cache and the update parameters + gradients + optimizer + reference +
+activations; the estimate is the larger. The check refuses (ConfigError: `ihgrpo train` exits 2) when it exceeds
 the free memory of the GPU the process sees, and names the settings that shrink each term.
 """
 
@@ -123,14 +125,15 @@ class MemoryEstimate:
     fsdp: bool = False
     lora: bool = False
     backend: str = "hf"  # "vllm": generation and KV cache are the vLLM engine's, in its own share
+    reference: int = 0  # the KL reference's weights (a frozen copy), resident in both phases
 
     @property
     def rollout_phase(self) -> int:
-        return self.parameters + self.optimizer + self.generation + self.kv_cache
+        return self.parameters + self.optimizer + self.reference + self.generation + self.kv_cache
 
     @property
     def update_phase(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.reference + self.activations
 
     @property
     def total(self) -> int:
@@ -142,7 +145,8 @@ class MemoryEstimate:
             ", LoRA" if self.lora else "") + (", rollout in vLLM's own share" if self.backend == "vllm" else "")
         g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
         return (f"memory per GPU (estimate; {how}): parameters {g(self.parameters)} GiB, gradients "
-                f"{g(self.gradients)}, optimizer {g(self.optimizer)}, generation weights {g(self.generation)}, "
+                f"{g(self.gradients)}, optimizer {g(self.optimizer)}, reference {g(self.reference)}, "
+                f"generation weights {g(self.generation)}, "
                 f"KV cache {g(self.kv_cache)} ({self.rows} rows x {self.tokens} tokens), activations ~"
                 f"{g(self.activations)}\n  rollout {g(self.rollout_phase)} GiB, update {g(self.update_phase)} GiB"
                 f" -> {g(self.total)} GiB")
@@ -167,11 +171,14 @@ class MemoryEstimate:
             fixes.append(f"rollout.max_batch_rows={max(1, self.rows // 4)} (now {self.rows} rows per generate call)")
         if self.activations >= self.total // 8:
             fixes.append("optim.micro_batch_size=1 and model.gradient_checkpointing=true")
+        if self.reference >= self.total // 8:
+            fixes.append("algo.kl_coef=0 (no reference copy)")
         if self.backend == "vllm":
             fixes.append("a smaller rollout.vllm_gpu_memory_utilization")
         raise ConfigError(
             f"the run needs about {self.total / GiB:.1f} GiB per GPU (parameters {self.parameters / GiB:.1f}, "
-            f"gradients {self.gradients / GiB:.1f}, optimizer {self.optimizer / GiB:.1f}, generation weights "
+            f"gradients {self.gradients / GiB:.1f}, optimizer {self.optimizer / GiB:.1f}, reference "
+            f"{self.reference / GiB:.1f}, generation weights "
             f"{self.generation / GiB:.1f}, KV cache {self.kv_cache / GiB:.1f}, activations ~{self.activations / GiB:.1f})"
             f" but {device} has {free_bytes / GiB:.1f} GiB free: use {'; or '.join(fixes)}"
             " (or check_memory=false to try anyway)")
@@ -180,8 +187,9 @@ class MemoryEstimate:
 def estimate_memory(shape: ModelShape, *, n_params: int, n_trainable: int, precision: Precision, rows: int,
                     tokens: int, micro_batch_size: int = 1, gradient_checkpointing: bool = False,
                     loss_chunk_size: int = 1024, processes: int = 1, fsdp: bool = False,
-                    lora: bool = False) -> MemoryEstimate:
-    """The estimate for one GPU (bytes); see the module docstring for each term."""
+                    lora: bool = False, reference: bool = False) -> MemoryEstimate:
+    """The estimate for one GPU (bytes); see the module docstring for each term. `reference`: the
+    KL reference is a frozen copy of the model."""
     w = torch.finfo(precision.weights).bits // 8
     c = torch.finfo(precision.compute).bits // 8
     shard = processes if fsdp else 1
@@ -200,7 +208,8 @@ def estimate_memory(shape: ModelShape, *, n_params: int, n_trainable: int, preci
         parameters=n_params * w // shard, gradients=n_trainable * w // shard,
         optimizer=ADAMW_STATES * n_trainable * w // shard, generation=generation,
         kv_cache=shape.kv_values_per_token * tokens * rows * c, activations=activations,
-        rows=rows, tokens=tokens, processes=processes, fsdp=fsdp, lora=lora)
+        rows=rows, tokens=tokens, processes=processes, fsdp=fsdp, lora=lora,
+        reference=n_params * w // shard if reference else 0)
 
 
 def training_estimate(cfg, model: nn.Module, *, precision: Precision, processes: int,
@@ -227,7 +236,8 @@ def training_estimate(cfg, model: nn.Module, *, precision: Precision, processes:
         model_shape(model.config), n_params=n_params, n_trainable=n_trainable, precision=precision, rows=rows,
         tokens=prompt_tokens + r.max_response_tokens, micro_batch_size=cfg.optim.micro_batch_size,
         gradient_checkpointing=cfg.model.gradient_checkpointing, loss_chunk_size=cfg.optim.loss_chunk_size,
-        processes=processes, fsdp=fsdp, lora=rank > 0)
+        processes=processes, fsdp=fsdp, lora=rank > 0,
+        reference=cfg.algo.kl_coef > 0 and rank == 0)  # the trainer's deep copy; with LoRA the base is it
     if backend == "vllm":
         est = dataclasses.replace(est, generation=0, kv_cache=0, backend="vllm")
     return est

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,14 +27,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ihgrpo import registry
 from ihgrpo.config import ConfigError, TrainConfig, dump_config
+from ihgrpo.diagnostics import UpdateProbe, decoder_and_head
 from ihgrpo.data import Example, PromptSampler, load_examples
+from ihgrpo.dist import make_strategy
+from ihgrpo.lora import apply_lora, require_peft
 from ihgrpo.losses import chunked_token_stats, decision_c_mask, ih_grpo_loss_from_stats
 from ihgrpo.models import ModelLoadError, eos_token_ids, load_model_and_tokenizer  # noqa: F401 (re-exported)
 from ihgrpo.precision import precision_policy
 from ihgrpo.rollout import RolloutEngine, Trajectory, batch_stats
 from ihgrpo.rollout.backends import make_generator, vllm_options
+from ihgrpo.rng import rng_state, seed_everything, set_rng_state
 from ihgrpo.utils import fsync_dir
+from ihgrpo.vocab import add_protocol_tokens, single_token_id
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +61,8 @@ class PolicyStats(nn.Module):
         self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, labels, compute_entropy: bool = False):
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        base, head = decoder_and_head(self.model)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
         stats = chunked_token_stats(hidden[:, :-1], head.weight, labels, self.execute_token_id,
                                     chunk_size=self.chunk_size, compute_entropy=compute_entropy,
                                     lm_head_bias=getattr(head, "bias", None), temperature=self.temperature)
@@ -149,7 +153,12 @@ class GRPOTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision=self.precision.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        _seed_everything(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
+        if cfg.lora.r:
+            require_peft()  # before loading a model it could not train
+        # What a LoRA checkpoint can name as its base: model.path, unless the model came from
+        # the caller or a registered source (the demo); then the run keeps its own copy.
+        from_path = model is None and registry.lookup("model", cfg.model.path) is None
         if model is None:  # a registered name (e.g. the demo's SFT start), a directory or a hub name
             model, tokenizer = load_model_and_tokenizer(
                 cfg.model.path, dtype=self.precision.weights_name,
@@ -158,7 +167,19 @@ class GRPOTrainer:
             raise ConfigError("a tokenizer is required with a model object")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.rollout.mode == "delayed":  # E must be one token: add it to a vocabulary without it
+            if add_protocol_tokens(model, tokenizer, cfg.rollout.execute_token):
+                from_path = False  # model.path lacks the new rows: LoRA checkpoints name the run's copy
+        elif cfg.algo.lam != 0 and single_token_id(tokenizer, cfg.rollout.execute_token) is None:
+            raise ConfigError(f"algo.lam: the IH surrogate reads the probability of the execute token, and the "
+                              f"tokenizer has no {cfg.rollout.execute_token!r} token (the coupled protocol adds "
+                              f"none); set algo.lam=0 (GRPO-C) or use rollout.mode=delayed")
         self.tokenizer = tokenizer
+        self.out = Path(cfg.output_dir)
+        # LoRA (None when lora.r == 0): adapters injected in place; checkpoints hold them and name
+        # the base (model.path, else the run's copy in RUN/base).
+        self.lora = apply_lora(model, cfg.lora, tokenizer=tokenizer, source=cfg.model.path if from_path else None,
+                               run_dir=self.out, write=self.accelerator.is_main_process)
         self.examples = examples if examples is not None else load_examples(
             cfg.data.train, question_key=cfg.data.question_key, answer_key=cfg.data.answer_key,
             split=cfg.data.split, limit=cfg.data.max_examples)
@@ -168,12 +189,16 @@ class GRPOTrainer:
         eos = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.generator = make_generator(r.backend, model, tokenizer, pad_token_id=self.pad_id, seed=cfg.seed,
-                                        vllm=vllm_options(r, output_dir=cfg.output_dir, dtype=cfg.model.dtype,
-                                                          seed=cfg.seed, rank=self.rank, world=self.world))
+                                        vllm=vllm_options(r, dtype=cfg.model.dtype, seed=cfg.seed, rank=self.rank,
+                                                          world=self.world, output_dir=cfg.output_dir,
+                                                          trust_remote_code=cfg.model.trust_remote_code))
         self.generator.sync_weights(model)  # a backend with its own copy of the weights starts from ours
         self.pool = r.sandbox_pool()  # after the generator: a backend that cannot start leaves nothing running
         self.engine = RolloutEngine(self.generator, tokenizer, self.pool, self.rollout_cfg, eos_token_ids=eos)
         self.execute_token_id = self.engine.chat.execute_token_id
+        self._has_execute_token = self.execute_token_id is not None
+        if not self._has_execute_token:  # the coupled protocol on a vocabulary without E (lam = 0)
+            self.execute_token_id = 0  # any id: with lam = 0 the loss never uses it
         self.fence_close_ids = _fence_close_ids(tokenizer)
         try:  # before the model goes to the GPU: refuse a run that cannot fit
             self._check_memory(model)
@@ -181,7 +206,15 @@ class GRPOTrainer:
             self.pool.close()
             raise
 
-        self.policy = PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size, r.temperature)
+        self.dist = make_strategy(cfg.distributed, self.accelerator)
+        reference = None
+        if cfg.algo.kl_coef > 0 and self.lora is None:  # a frozen copy (with LoRA: the base, adapters off)
+            import copy
+            reference = PolicyStats(copy.deepcopy(model), self.execute_token_id, cfg.optim.loss_chunk_size,
+                                    r.temperature)
+        # FSDP replaces the parameters by shards: the optimizer is built on what wrap() returns.
+        self.policy = self.dist.wrap(PolicyStats(model, self.execute_token_id, cfg.optim.loss_chunk_size,
+                                                 r.temperature))
         o = cfg.optim
         decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for n, p in self.policy.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -193,21 +226,12 @@ class GRPOTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         # The scheduler is not prepared: accelerate's wrapper steps it once per process per call
         # (warm-up N times too fast on N processes). It steps once per RL step, on every rank.
-        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        if isinstance(self.policy, nn.parallel.DistributedDataParallel):
-            # No buffer broadcast in DDP's forward (its first one, under no_sync): a collective that a
-            # rank without micro-batches (dynamic sampling kept no group there) never joins, a hang.
-            # The buffers (RoPE frequencies) are equal on all ranks, synced once at wrapping.
-            self.policy.broadcast_buffers = False
-        self.reference = None
-        if cfg.algo.kl_coef > 0:  # a frozen copy, only when the KL term is used
-            import copy
-            self.reference = copy.deepcopy(self._model()).eval().requires_grad_(False)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.reference = None if reference is None else self.dist.prepare_reference(reference)
         if reward_fn is not None:
             self.reward_fn, self._verifier = reward_fn, None
         else:
             self.reward_fn, self._verifier = make_reward_fn(cfg.algo.reward, cfg.algo.reward_timeout_s)
-        self.out = Path(cfg.output_dir)
         self.step = 0
         self.eval_fn, self.eval_every = eval_fn, eval_every
 
@@ -236,7 +260,7 @@ class GRPOTrainer:
         return self.precision.context(self.accelerator.device.type)
 
     def _model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.policy).model
+        return self.dist.unwrap(self.policy).model
 
     def close(self) -> None:
         self.pool.close()
@@ -260,11 +284,13 @@ class GRPOTrainer:
                     metrics = self.train_step(self.step)
                     self.step += 1
                     metrics["step"] = self.step
-                    if self.eval_fn is not None and self.accelerator.is_main_process and (
+                    if self.eval_fn is not None and (
                             (self.eval_every and self.step % self.eval_every == 0) or self.step == cfg.max_steps):
                         t0 = time.perf_counter()
-                        metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self._model()).items()
-                                        if isinstance(v, (int, float))})
+                        with self.dist.full_params(self.policy):  # FSDP: a collective, then rank 0 evaluates
+                            if self.accelerator.is_main_process:
+                                metrics.update({f"eval/{k}": v for k, v in self.eval_fn(self._model()).items()
+                                                if isinstance(v, (int, float))})
                         metrics["time_eval_s"] = time.perf_counter() - t0
                     logger.log(metrics)
                     history.append(metrics)
@@ -290,33 +316,39 @@ class GRPOTrainer:
         all_trajs: list[Trajectory] = []
         kept_adv: list[float] = []
         rolled = 0  # prompts rolled out this step, all ranks
+        dropped_truncated = 0  # groups with fewer than min_valid non-truncated rollouts, this rank
         kept_per_rank = [0] * self.world  # groups with signal, per rank
         t0 = time.perf_counter()
         self._model().eval()
-        chunk = 0
-        while sum(kept_per_rank) < P and rolled < budget:
-            n = math.ceil(min(P - sum(kept_per_rank), budget - rolled) / self.world)
-            examples = self._take_prompts(n)
-            rolled += n * self.world
-            # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
-            chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
-            chunk += 1
-            with self._autocast():
-                trajs = self.engine.rollout([e.question for e in examples], G, chunk_params)
-            rewards = self.reward_fn([t.answer for t in trajs], [examples[t.prompt_index].answer for t in trajs])
-            for t, rew in zip(trajs, rewards):
-                t.reward = float(rew)
-            all_trajs += trajs
-            adv = group_advantages(rewards, G, std_normalize=algo.advantage == "grpo")
-            for g in range(0, len(trajs), G):
-                group = trajs[g:g + G]
-                if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
-                    continue
-                kept += group
-                kept_adv += adv[g:g + G]
-            kept_per_rank = self._gather_counts(len(kept) // G)
-            if not algo.dynamic_sampling:
-                break
+        # FSDP: the weights are gathered once for the whole rollout phase, not per decode step.
+        with self.dist.full_params(self.policy):
+            chunk = 0
+            while sum(kept_per_rank) < P and rolled < budget:
+                n = math.ceil(min(P - sum(kept_per_rank), budget - rolled) / self.world)
+                examples = self._take_prompts(n)
+                rolled += n * self.world
+                # Seeds depend on (seed, step, rank, chunk) only, so a resumed run samples the same.
+                chunk_params = dataclasses.replace(params, seed=gen_seed * 16 + chunk)
+                chunk += 1
+                with self._autocast():
+                    trajs = self.engine.rollout([e.question for e in examples], G, chunk_params)
+                rewards = self.reward_fn([t.answer for t in trajs], [examples[t.prompt_index].answer for t in trajs])
+                for t, rew in zip(trajs, rewards):
+                    t.reward = float(rew)
+                all_trajs += trajs
+                adv = group_advantages(rewards, G, std_normalize=algo.advantage == "grpo")
+                for g in range(0, len(trajs), G):
+                    group = trajs[g:g + G]
+                    if algo.min_valid and sum(not t.truncated for t in group) < algo.min_valid:
+                        dropped_truncated += 1  # too few complete rollouts to trust the group's baseline
+                        continue
+                    if algo.dynamic_sampling and len({t.reward for t in group}) == 1:
+                        continue
+                    kept += group
+                    kept_adv += adv[g:g + G]
+                kept_per_rank = self._gather_counts(len(kept) // G)
+                if not algo.dynamic_sampling:
+                    break
         # Exactly P groups in all: the first ones, in rank order.
         mine = max(0, min(kept_per_rank[self.rank], P - sum(kept_per_rank[:self.rank])))
         kept, kept_adv = kept[:mine * G], kept_adv[:mine * G]
@@ -327,13 +359,15 @@ class GRPOTrainer:
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
         metrics.update({"groups_rolled": rolled, "groups_kept": n_kept,
+                        "groups_dropped_truncated": sum(self._gather_counts(dropped_truncated)),
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()
         if n_kept == 0:
             # No group carries signal (every reward equal): say so instead of looping forever.
-            log.warning("step %d: no group had differing rewards after rolling out %d prompts; "
-                        "no update this step", step + 1, rolled)
+            log.warning("step %d: no group had differing rewards%s after rolling out %d prompts; "
+                        "no update this step", step + 1,
+                        f" and {algo.min_valid} non-truncated rollouts" if algo.min_valid else "", rolled)
             metrics.update({"no_signal": 1.0, "lr": self.scheduler.get_last_lr()[0]})
         else:
             metrics.update(self._update(kept, kept_adv))
@@ -365,6 +399,9 @@ class GRPOTrainer:
         cfg, algo, o = self.cfg, self.cfg.algo, self.cfg.optim
         keep = [not ((algo.mask_void and t.void) or (algo.mask_truncated and t.truncated)) for t in trajs]
         self._model().train()
+        # A model handed in may carry gradients of earlier training (e.g. the demo's SFT): the
+        # first update would add them in, and a reloaded copy of the same weights would not.
+        self.optimizer.zero_grad(set_to_none=True)
         # Normalisers over the whole step on all processes, so that accumulation and DDP's mean
         # reproduce the single-process loss exactly.
         tokens = [sum(t.mask) if k else 0 for t, k in zip(trajs, keep)]
@@ -377,6 +414,7 @@ class GRPOTrainer:
         stats_sum: dict[str, float] = {}
         extremes: dict[str, float] = {}
         weight_sum = 0.0
+        probe = UpdateProbe(self, trajs, keep) if cfg.log.update_diagnostics else None
         grad_norms = []
         n_updates = o.updates_per_step
         per_update = math.ceil(len(order) / n_updates)
@@ -384,8 +422,12 @@ class GRPOTrainer:
             old = self._old_logprobs(trajs, advantages, keep)
         for u in range(n_updates):
             idx = order[u * per_update:(u + 1) * per_update]
-            for s in range(0, len(idx), mb):
-                micro = idx[s:s + mb]
+            micros = [idx[s:s + mb] for s in range(0, len(idx), mb)]
+            for j in range(self.dist.passes(len(micros))):
+                if j >= len(micros):  # FSDP: this rank is out of micro-batches, the others are not
+                    self._idle_pass()
+                    continue
+                micro = micros[j]
                 batch = collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
                                 [keep[i] for i in micro], self.execute_token_id, self.fence_close_ids)
                 batch = _to(batch, self.accelerator.device)
@@ -397,15 +439,17 @@ class GRPOTrainer:
                     w = len(micro) / max(total_rows, 1)
                 w *= self.world * n_updates  # DDP averages over processes; each update is its own mean
                 if w == 0:
+                    if self.dist.lockstep:
+                        self._idle_pass()
                     continue
                 # Ranks may hold different numbers of micro-batches (dynamic sampling keeps what
                 # has signal), so DDP's per-backward all-reduce could deadlock: gradients are
                 # accumulated locally and averaged once per update below.
-                with self._autocast(), self.accelerator.no_sync(self.policy):
+                with self._autocast():  # the reference in the policy's numerics
+                    ref = self._ref_logprobs(batch) if algo.kl_coef > 0 else None
+                with self._autocast(), self.dist.no_sync(self.policy):
                     st = self.policy(batch.input_ids, batch.attention_mask, batch.labels,
                                      compute_entropy=algo.entropy_coef > 0)
-                with self._autocast():  # the reference in the policy's numerics
-                    ref = self._ref_logprobs(batch) if self.reference is not None else None
                 old_lp = None if old is None else _pad_old([old[i] for i in micro], batch.mask.shape).to(batch.mask.device)
                 loss, stats = ih_grpo_loss_from_stats(
                     st.logp, st.logp_exec, st.z_exec, batch.labels, batch.advantages, batch.mask,
@@ -415,21 +459,18 @@ class GRPOTrainer:
                     kl_coef=algo.kl_coef, ref_logprobs=ref, entropy=st.entropy, entropy_coef=algo.entropy_coef,
                     norm_constant=norm_constant, rollout_logprobs=batch.rollout_logprobs,
                     rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
-                with self.accelerator.no_sync(self.policy):
+                with self.dist.no_sync(self.policy):
                     self.accelerator.backward(loss * w)
+                if not self._has_execute_token:
+                    stats.pop("p_execute", None)  # the probability of a token that is not E
                 for k, v in stats.items():
                     if k in _EXTREMES:  # the step's most extreme token, not a mean over micro-batches
                         extremes[k] = _EXTREMES[k](extremes.get(k, v), v)
                     else:
                         stats_sum[k] = stats_sum.get(k, 0.0) + v * w / (self.world * n_updates)
                 weight_sum += w / (self.world * n_updates)
-            self._average_gradients()
-            if o.grad_clip > 0:
-                gn = self.accelerator.clip_grad_norm_(self.policy.parameters(), o.grad_clip)
-            else:
-                gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.policy.parameters()
-                                    if p.grad is not None))
-            grad_norms.append(float(gn))
+            self.dist.sync_gradients(self.policy)
+            grad_norms.append(self.dist.clip_grad_norm(self.policy, o.grad_clip))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -437,28 +478,31 @@ class GRPOTrainer:
         out.update({f"loss/{k}": v for k, v in extremes.items()})
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["lr"] = self.scheduler.get_last_lr()[0]
-        return out
+        return {**out, **(probe.after() if probe else {})}
 
-    @torch.no_grad()
-    def _average_gradients(self) -> None:
-        """The mean of every rank's gradient (ranks without a micro-batch contribute zeros)."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        for p in self.policy.parameters():
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world
+    def _idle_pass(self, backward: bool = True) -> None:
+        """A zero-weight pass on a 2-token row. Under FSDP every forward and backward is a
+        collective, so a rank with fewer micro-batches than the busiest one runs these."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
+        zeros = torch.zeros((1, 1), device=ids.device)
+        if backward and self.cfg.algo.kl_coef > 0:
+            with self._autocast():
+                self._ref_logprobs(TrainBatch(ids, torch.ones_like(ids), ids[:, 1:], zeros, zeros[0]))
+        with torch.set_grad_enabled(backward), self._autocast():
+            st = self.policy(ids, torch.ones_like(ids), ids[:, 1:])
+        if backward:
+            self.accelerator.backward(st.logp.sum() * 0.0)
 
     @torch.no_grad()
     def _old_logprobs(self, trajs, advantages, keep) -> list[torch.Tensor]:
         out = []
-        for s in range(0, len(trajs), self.cfg.optim.micro_batch_size):
-            micro = list(range(s, min(s + self.cfg.optim.micro_batch_size, len(trajs))))
+        mb = self.cfg.optim.micro_batch_size
+        n = math.ceil(len(trajs) / mb)
+        for j in range(self.dist.passes(n)):
+            if j >= n:
+                self._idle_pass(backward=False)
+                continue
+            micro = list(range(j * mb, min((j + 1) * mb, len(trajs))))
             batch = _to(collate([trajs[i] for i in micro], [advantages[i] for i in micro], self.pad_id,
                                 [keep[i] for i in micro], self.execute_token_id), self.accelerator.device)
             with self._autocast():
@@ -468,19 +512,23 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        ref = PolicyStats(self.reference, self.execute_token_id, self.cfg.optim.loss_chunk_size,
-                          self.cfg.rollout.temperature)
-        return ref(batch.input_ids, batch.attention_mask, batch.labels).logp.detach()
+        if self.lora is not None:  # the reference is the base model: the policy with its adapters off
+            with self.lora.disabled():
+                return self.dist.unwrap(self.policy)(batch.input_ids, batch.attention_mask, batch.labels).logp
+        return self.reference(batch.input_ids, batch.attention_mask, batch.labels).logp.detach()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
         """model/, optimizer, scheduler, RNG states (every rank's) and data position, written atomically."""
         self.accelerator.wait_for_everyone()
-        rng = [_rng_state()]
+        rng = [rng_state()]
         if self.world > 1:
             from accelerate.utils import gather_object
 
             rng = gather_object(rng)
+        # Under FSDP gathering the full state is a collective: every process takes part, rank 0 writes.
+        weights = self.dist.model_state_dict(self.policy, trainable_only=self.lora is not None)
+        optim_state = self.dist.optimizer_state_dict(self.policy, self.optimizer)
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
@@ -489,9 +537,12 @@ class GRPOTrainer:
         tmp = root / f".tmp-step-{self.step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self._model().save_pretrained(tmp / "model", safe_serialization=True)
+        if self.lora is not None:  # the adapters only; adapter_config.json names the base
+            self.lora.save(tmp / "model", weights)
+        else:
+            self._model().save_pretrained(tmp / "model", state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp / "model")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng[0], "rng_per_rank": rng}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -512,20 +563,28 @@ class GRPOTrainer:
         from safetensors.torch import load_file
 
         model = self._model()
+        # Under FSDP rank 0 reads the files and broadcasts: the others pass empty states.
+        reads = self.accelerator.is_main_process or not self.dist.lockstep
         weights = {}
-        for f in sorted((ck / "model").glob("*.safetensors")):
-            weights.update(load_file(f))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if reads and self.lora is not None:
+            weights = self.lora.load_state(ck / "model")
+        elif reads:
+            for f in sorted((ck / "model").glob("*.safetensors")):
+                weights.update(load_file(f))
+        missing, unexpected = self.dist.load_model_state_dict(self.policy, weights)
+        if self.lora is not None:  # the base weights come from model.path, not the checkpoint
+            missing = [k for k in missing if "lora_" in k]
         tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-        if set(missing) - tied or unexpected:
+        if reads and (set(missing) - tied or unexpected):
             raise ConfigError(f"checkpoint {ck} does not match the model (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
-        self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+        self.dist.load_optimizer_state_dict(self.policy, self.optimizer, torch.load(
+            ck / "optimizer.pt", weights_only=True) if reads else {})
         self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
         state = json.loads((ck / "state.json").read_text())
         self.sampler.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank") or [state["rng"]]
-        _set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
+        set_rng_state(per_rank[self.rank] if len(per_rank) == self.world else state["rng"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return int(state["step"])
 
@@ -632,33 +691,3 @@ def _pad_old(rows: list[torch.Tensor], shape) -> torch.Tensor:
         n = min(len(r), shape[1])
         out[i, :n] = r[:n]
     return out
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    st = random.getstate()
-    np_st = np.random.get_state()
-    return {"python": [st[0], list(st[1]), st[2]], "torch": torch.get_rng_state().tolist(),
-            "numpy": [np_st[0], np_st[1].tolist(), int(np_st[2]), int(np_st[3]), float(np_st[4])]}
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-

@@ -1,7 +1,7 @@
 """The embedded main job: a tiny model learns delayed tool use on CPU in minutes.
 
     ihgrpo demo --out DIR            SFT warm start (cached) -> IH-GRPO -> held-out before/after
-    ihgrpo demo --compare --out DIR  IH-GRPO vs GRPO-D vs EH-GRPO vs GRPO-C, same budget
+    ihgrpo demo --compare --out DIR  IH-GRPO vs GRPO-D vs EH-GRPO vs GRPO-C, same budget (demo/compare.py)
     ihgrpo train demo [key=value]    the RL stage as an ordinary training run
 
 Everything is real: the task generator, the tokenizer, the Qwen3-architecture model, the
@@ -181,9 +181,10 @@ def rl_config(out_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     return load_config("demo", [f"output_dir={out_dir}", *settings.rl, *overrides])
 
 
-def run_rl(model, tokenizer, cfg, *, curve_problems=None, settings: DemoSettings | None = None) -> list[dict]:
-    """IH-GRPO (by default) from the SFT start, with a held-out curve along the way; ``cfg`` is
-    an :func:`rl_config`."""
+def run_rl(model, tokenizer, cfg, *, curve_problems=None, settings: DemoSettings | None = None,
+           eval_every: int | None = None) -> list[dict]:
+    """IH-GRPO (by default) from the SFT start, with a held-out curve along the way (every
+    ``eval_every`` steps, default a fifth of the run, and after the last); ``cfg`` is an :func:`rl_config`."""
     from ihgrpo.trainer import GRPOTrainer
 
     settings = settings or DemoSettings.full()
@@ -193,7 +194,8 @@ def run_rl(model, tokenizer, cfg, *, curve_problems=None, settings: DemoSettings
             return summary(evaluate(m, tokenizer, curve_problems, max_turns=cfg.rollout.max_turns,
                                     mode=cfg.rollout.mode))
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, examples=demo_examples("train", settings=settings),
-                          reward_fn=exact_int_reward, eval_fn=eval_fn, eval_every=max(1, cfg.max_steps // 5))
+                          reward_fn=exact_int_reward, eval_fn=eval_fn,
+                          eval_every=eval_every or max(1, cfg.max_steps // 5))
     try:
         return trainer.train()
     finally:
@@ -253,8 +255,6 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
     trajs = after.pop("trajectories")
     log(f"[demo] held-out after RL:  accuracy {after['accuracy']:.3f}, delay-call rate "
         f"{after['delay_call_rate']:.2f}, tool calls {after['tool_calls_per_trajectory']:.2f}")
-    model.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
     result = {"before": summary(before), "after": summary(after),
               "heldout_problems": len(heldout), "rl_steps": len(history),
               "settings": {"demo": settings.name, "algorithm": "IH-GRPO", "lam": cfg.algo.lam,
@@ -262,76 +262,32 @@ def run_demo(out_dir: str | Path, *, overrides=(), fresh: bool = False, log=prin
                            "rl_temperature": cfg.rollout.temperature, "eval_temperature": 0.0,
                            "overrides": [*settings.rl, *overrides]},
               "time_s": {"sft": t_sft, "rl": t_rl, "total": time.perf_counter() - t_start}}
+    # What needs only the core first; a figure last, and a missing plotting package costs only it.
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    plot_curves(history, out / "curves.png", before=before)
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
     write_viewer(out / "rollouts.html", trajs[:12], tok, title="ihgrpo demo: held-out rollouts after RL")
-    log(f"[demo] wrote metrics.json, curves.png, model/, rollouts.html in {out} "
-        f"({result['time_s']['total']:.0f} s)")
+    written = ["metrics.json", "model/", "rollouts.html"]
+    if _optional_figure(out / "curves.png", log, lambda path: plot_curves(history, path, before=before)):
+        written.insert(1, "curves.png")
+    log(f"[demo] wrote {', '.join(written)} in {out} ({result['time_s']['total']:.0f} s)")
     return result
 
 
-METHODS = {  # name -> RL overrides (same budget for all)
-    "IH-GRPO": ["algo.lam=1e-3"],
-    "GRPO-D": ["algo.lam=0"],
-    "EH-GRPO": ["algo.lam=1"],
-    "GRPO-C": ["algo.lam=0", "rollout.mode=coupled"],
-}
+def _optional_figure(path: Path, log, plot) -> bool:
+    """``plot(path)``; without its package, one line saying what is missing instead of a
+    traceback that would end a finished run."""
+    try:
+        plot(path)
+    except ImportError as exc:
+        name = getattr(exc, "name", None) or "matplotlib"
+        log(f"[demo] note: no {path.name}: the package {name!r} is not installed (pip install {name})")
+        return False
+    return True
 
 
-def run_compare(out_dir: str | Path, *, overrides=(), seeds: int = 2, log=print,
-                settings: DemoSettings | None = None) -> dict:
-    """The same RL budget for each method and seed, from the same SFT start; a table and a plot.
+def run_compare(out_dir, **kw) -> dict:
+    """``ihgrpo demo --compare`` (demo/compare.py)."""
+    from .compare import run_compare as run
 
-    Coupled (GRPO-C) starts from the delayed SFT model and is evaluated under its own protocol,
-    as the paper's C baselines are trained and evaluated under coupled execution.
-    """
-    import statistics
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = settings or DemoSettings.full()
-    heldout = heldout_problems(settings=settings)
-    rows: dict[str, list[dict]] = {}
-    for name, method in METHODS.items():
-        for seed in range(seeds):
-            model, tok = sft_start(log=log, settings=settings)
-            cfg = rl_config(out / f"{name}-seed{seed}", [*method, f"seed={seed}", "log.progress=false", *overrides],
-                            settings)
-            t0 = time.perf_counter()
-            run_rl(model, tok, cfg, settings=settings)
-            res = summary(evaluate(model, tok, heldout, max_turns=cfg.rollout.max_turns, mode=cfg.rollout.mode))
-            res["time_s"] = time.perf_counter() - t0
-            rows.setdefault(name, []).append(res)
-            log(f"[compare] {name} seed {seed}: accuracy {res['accuracy']:.3f}, delay-call rate "
-                f"{res['delay_call_rate']:.2f} ({res['time_s']:.0f} s)")
-    table = {}
-    for name, rs in rows.items():
-        accs = [r["accuracy"] for r in rs]
-        table[name] = {"accuracy_mean": statistics.mean(accs),
-                       "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                       "delay_call_rate_mean": statistics.mean(r["delay_call_rate"] for r in rs),
-                       "tool_calls_mean": statistics.mean(r["tool_calls_per_trajectory"] for r in rs),
-                       "runs": rs}
-    (out / "compare.json").write_text(json.dumps(table, indent=2))
-    lines = ["| method | held-out accuracy (mean ± std) | delay-call rate | tool calls / traj | seeds |",
-             "|---|---|---|---|---|"]
-    for name, t in table.items():
-        lines.append(f"| {name} | {t['accuracy_mean']:.3f} ± {t['accuracy_std']:.3f} | "
-                     f"{t['delay_call_rate_mean']:.2f} | {t['tool_calls_mean']:.2f} | {len(t['runs'])} |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    log("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(table)
-    ax.bar(names, [table[n]["accuracy_mean"] for n in names], yerr=[table[n]["accuracy_std"] for n in names],
-           capsize=4)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"same RL budget, {seeds} seed(s) each")
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
-    return table
+    return run(out_dir, **kw)

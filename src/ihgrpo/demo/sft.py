@@ -522,6 +522,7 @@ def train_sft(model, tokenizer, config: SFTConfig | None = None, *, problems: li
                 break
     finally:
         torch.use_deterministic_algorithms(prev_det)
+        model.zero_grad(set_to_none=True)  # the last step's gradients belong to no later training
         model.eval()
     counts = {s: sum(t.style == s for t in traces) for s in STYLES}
     tail = losses[-10:]

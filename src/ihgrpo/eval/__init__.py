@@ -5,7 +5,10 @@ r"""Benchmark evaluation: ``ihgrpo eval`` (SPEC sections 5 and 6).
                 --out DIR [key=value ...]
 
 ``PATH`` is a local model directory, a Hugging Face name or a registered model name; the
-tokenizer comes from the same place. Put all ``key=value`` settings together (before or after
+tokenizer comes from the same place. Any causal LM: under the delayed protocol, a vocabulary
+without the execute token gets it (:func:`ihgrpo.vocab.add_protocol_tokens`); the coupled
+protocol needs none. A tokenizer without a chat template gets the plain frame
+``User: {instruction and question}\nAssistant:`` (after its BOS token). Put all ``key=value`` settings together (before or after
 the options).
 
 Layout: :mod:`.benchmarks` (what a SPEC names), :mod:`.choice` (multiple choice), :mod:`.metrics`
@@ -23,6 +26,10 @@ Benchmarks (``SPEC``)
   ``olympiad.parquet``, ``aime24.parquet``, ``aime25.parquet``, ``amc23.parquet``,
   ``hmmt25.parquet``. One of them alone by its name (``aime24``). A benchmark is named by its
   file or its spec, never by the ``data_source`` column (wrong in two of the files).
+  ``olympiad`` (alone or in ``paper``) is the release's 500-problem subsample of the 674-row file:
+  the rows pandas' ``DataFrame.sample(n=500, random_state=42)`` takes, in that order (computed with
+  numpy, which pandas uses; pandas is not needed). ``olympiad-full`` scores all rows of the same file.
+  ``limit`` takes the first N problems of the selection.
 * ``other``: the no-tool domains in ``data_dir/other/``: ``mmlu_pro.jsonl``, ``logiqa.jsonl``,
   ``bbh_*.jsonl`` (the paper's BBH subsets are ``bbh_date_understanding``,
   ``bbh_formal_fallacies``, ``bbh_logical_deduction_seven_objects``). Each missing file is

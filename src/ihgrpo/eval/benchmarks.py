@@ -16,12 +16,15 @@ from ihgrpo.data import DataError, load_examples, read_rows
 from .choice import gold_letter, parse_options
 
 __all__ = ["PAPER_BENCHMARKS", "PAPER_K", "PAPER_TITLES", "OTHER_BENCHMARKS", "DEFAULT_K", "EvalError",
-           "Problem", "Benchmark", "default_k", "resolve_benchmarks"]
+           "Problem", "Benchmark", "default_k", "resolve_benchmarks", "pandas_sample_rows", "OLYMPIAD_SAMPLE"]
 
 PAPER_BENCHMARKS = ("math500", "olympiad", "aime24", "aime25", "amc23", "hmmt25")
-PAPER_K = {"math500": 8, "olympiad": 8, "aime24": 32, "aime25": 32, "amc23": 32, "hmmt25": 32}
-PAPER_TITLES = {"math500": "MATH500", "olympiad": "OlympiadBench", "aime24": "AIME24",
-                "aime25": "AIME25", "amc23": "AMC23", "hmmt25": "HMMT25"}
+PAPER_K = {"math500": 8, "olympiad": 8, "olympiad-full": 8, "aime24": 32, "aime25": 32, "amc23": 32, "hmmt25": 32}
+PAPER_TITLES = {"math500": "MATH500", "olympiad": "OlympiadBench", "olympiad-full": "OlympiadBench (all rows)",
+                "aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "hmmt25": "HMMT25"}
+# The release scores OlympiadBench on a subsample of the 674-row file:
+# `df.sample(n=500, random_state=42)`; `olympiad-full` scores every row.
+OLYMPIAD_SAMPLE = (500, 42)
 OTHER_BENCHMARKS = ("mmlu_pro", "logiqa", "bbh_date_understanding", "bbh_formal_fallacies",
                     "bbh_logical_deduction_seven_objects")
 DEFAULT_K = 8
@@ -47,6 +50,7 @@ class Benchmark:
     problems: list[Problem]
     source: str
     domain: str = "math"  # "math" (tool protocol) or "choice" (multiple choice, no tools)
+    selection: str = ""  # how the problems were chosen from the file, when not all of them
     k: int = DEFAULT_K
     # a registered benchmark's own settings (dotted config keys, e.g. the demo's instruction and
     # budgets): a layer under the user's settings
@@ -59,6 +63,31 @@ class Benchmark:
 
 def default_k(name: str) -> int:
     return PAPER_K.get(name, DEFAULT_K)
+
+
+def pandas_sample_rows(n_rows: int, n: int, random_state: int) -> list[int]:
+    """The rows, in their order, that pandas' ``DataFrame.sample(n=n, random_state=random_state)``
+    takes from ``n_rows`` rows, without pandas: pandas draws ``RandomState(random_state).choice(
+    n_rows, n, replace=False)`` (pandas/core/sample.py), which numpy's legacy generator computes
+    as the first ``n`` entries of ``permutation(n_rows)``. A test checks it against pandas."""
+    import numpy as np
+
+    if not 0 <= n <= n_rows:
+        raise ValueError(f"cannot sample {n} of {n_rows} rows without replacement")
+    return [int(i) for i in np.random.RandomState(random_state).choice(n_rows, size=n, replace=False)]
+
+
+def _olympiad(path: Path, limit: int | None) -> Benchmark:
+    """``olympiad``: the release's subsample of the file, in pandas' order (``olympiad-full``,
+    loaded like any file, keeps every row)."""
+    bench = _load_file("olympiad", path, None)
+    n, seed = OLYMPIAD_SAMPLE
+    if len(bench.problems) > n:  # a smaller file is taken to be a subsample already
+        bench.selection = (f"the release's subsample: pandas sample(n={n}, random_state={seed}) "
+                           f"of {len(bench.problems)} rows")
+        bench.problems = [bench.problems[i] for i in pandas_sample_rows(len(bench.problems), n, seed)]
+    bench.problems = bench.problems[:limit or None]
+    return bench
 
 
 def _check_name(name: str, spec: str) -> str:
@@ -91,12 +120,12 @@ def resolve_benchmarks(specs: list[str], cfg, echo: Callable[[str], None] = prin
                 if not path.is_file():
                     raise DataError(f"paper: {path} not found (set data_dir=DIR to the folder holding "
                                     f"{', '.join(n + '.parquet' for n in PAPER_BENCHMARKS)})")
-                out.append(_load_file(name, path, limit))
-        elif spec in PAPER_BENCHMARKS:
-            path = data_dir / f"{spec}.parquet"
+                out.append(_olympiad(path, limit) if name == "olympiad" else _load_file(name, path, limit))
+        elif spec in PAPER_BENCHMARKS or spec == "olympiad-full":
+            path = data_dir / f"{spec.removesuffix('-full')}.parquet"
             if not path.is_file():
                 raise DataError(f"{spec}: {path} not found (set data_dir=DIR, or use {spec}=FILE)")
-            out.append(_load_file(spec, path, limit))
+            out.append(_olympiad(path, limit) if spec == "olympiad" else _load_file(spec, path, limit))
         elif spec == "other":
             other = data_dir / "other"
             names = list(OTHER_BENCHMARKS)
@@ -120,7 +149,7 @@ def resolve_benchmarks(specs: list[str], cfg, echo: Callable[[str], None] = prin
         else:
             known = ", ".join([*registry.names("benchmark"), "paper", "other"])
             raise DataError(f"unknown benchmark {spec!r} (use {known}, one of "
-                            f"{', '.join(PAPER_BENCHMARKS + OTHER_BENCHMARKS)}, or NAME=FILE)")
+                            f"{', '.join(PAPER_BENCHMARKS + ('olympiad-full',) + OTHER_BENCHMARKS)}, or NAME=FILE)")
     seen = Counter(b.name for b in out)
     dup = [n for n, c in seen.items() if c > 1]
     if dup:

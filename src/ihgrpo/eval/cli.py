@@ -17,9 +17,11 @@ __all__ = ["add_eval_arguments", "config_from_args", "cmd_eval", "main"]
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``ihgrpo eval``."""
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="a local model directory or a Hugging Face name (the tokenizer comes from it too)")
+                        help="a local model directory or a Hugging Face name (the tokenizer comes from it too; "
+                             "any causal LM: the delayed protocol adds <tool_call> where the vocabulary lacks it)")
     parser.add_argument("--benchmark", action="append", required=True, metavar="SPEC",
-                        help="demo | paper | other | math500 | ... | NAME=FILE (.parquet, .jsonl); repeatable")
+                        help="demo | paper | other | math500 | olympiad (the release's 500 of 674) | "
+                             "olympiad-full | ... | NAME=FILE (.parquet, .jsonl); repeatable")
     parser.add_argument("--k", type=int, default=None, help="samples per problem (default: 8 for math500 and "
                         "olympiad, 32 for aime24, aime25, amc23 and hmmt25, else 8)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")

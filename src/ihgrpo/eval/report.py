@@ -107,7 +107,7 @@ def write_outputs(out: Path, results: dict, benches: list[Benchmark], ledger: Sa
     if write_chart(out / "chart.png", results):
         written.append("chart.png")
     else:
-        echo("note: matplotlib is not installed (pip install 'ihgrpo[plot]'): no chart.png")
+        echo("note: no chart.png: the package 'matplotlib' is not installed (pip install matplotlib)")
     if cfg.eval.viewer_samples:
         path = cfg.model.path
         write_viewer(out / "rollouts.html", _viewer_records(benches, ledger, cfg.eval.viewer_samples),

@@ -27,9 +27,9 @@ __all__ = ["run_eval", "sample_seed", "bench_config", "flat_settings"]
 
 # The settings as results.json lists them (bare names, as `ihgrpo eval` takes them).
 _FLAT = ("model", "protocol", "k", "limit", "temperature", "top_p", "top_k", "max_turns", "max_response_tokens",
-         "max_tokens_per_turn", "max_observation_tokens", "exec_timeout_s", "batch_size", "seed", "data_dir",
-         "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype", "device",
-         "instruction", "execute_token", "enable_thinking", "viewer_samples", "backend")
+         "max_tokens_per_turn", "max_context_tokens", "max_observation_tokens", "exec_timeout_s", "batch_size",
+         "seed", "data_dir", "sandbox_workers", "sandbox_memory_mb", "sandbox_isolation", "reward_timeout_s", "dtype",
+         "device", "instruction", "execute_token", "enable_thinking", "viewer_samples", "backend")
 
 
 def flat_settings(cfg: EvalConfig) -> dict:
@@ -61,10 +61,13 @@ def bench_config(cfg: EvalConfig, bench: Benchmark) -> EvalConfig:
 
 def _rollout_settings(bench: Benchmark, bcfg: EvalConfig) -> dict:
     r = bcfg.rollout
-    return {"protocol": "none" if bench.domain == "choice" else r.mode, "max_turns": r.max_turns,
-            "max_response_tokens": r.max_response_tokens, "max_tokens_per_turn": r.max_tokens_per_turn,
-            "max_observation_tokens": r.max_observation_tokens, "exec_timeout_s": r.exec_timeout_s,
-            "instruction": r.instruction, "execute_token": r.execute_token, "enable_thinking": r.enable_thinking}
+    out = {"protocol": "none" if bench.domain == "choice" else r.mode, "max_turns": r.max_turns,
+           "max_response_tokens": r.max_response_tokens, "max_tokens_per_turn": r.max_tokens_per_turn,
+           "max_observation_tokens": r.max_observation_tokens, "exec_timeout_s": r.exec_timeout_s,
+           "instruction": r.instruction, "execute_token": r.execute_token, "enable_thinking": r.enable_thinking}
+    if r.max_context_tokens is not None:  # only when set: ledgers written before it still resume
+        out["max_context_tokens"] = r.max_context_tokens
+    return out
 
 
 def _model_id(path: str) -> str:
@@ -115,13 +118,15 @@ def _plan(bench: Benchmark, ledger: SampleLedger, batch_size: int) -> list[list[
 class _Runner:
     """The model, generator, sandbox pool and verifier of one run (built only when needed)."""
 
-    def __init__(self, cfg: EvalConfig, bcfgs: dict[str, EvalConfig], model, tokenizer, echo):
+    def __init__(self, cfg: EvalConfig, bcfgs: dict[str, EvalConfig], model, tokenizer, echo,
+                 domains: dict[str, str]):
         import torch
 
         from ihgrpo import registry
-        from ihgrpo.models import eos_token_ids, load_model_and_tokenizer
+        from ihgrpo.models import checkpoint_model_dir, eos_token_ids, is_adapter_dir, load_model_and_tokenizer
         from ihgrpo.rollout.backends import resolve_backend
         from ihgrpo.rollout.hf import HFGenerator
+        from ihgrpo.vocab import add_protocol_tokens
 
         self.cfg, self.bcfgs = cfg, bcfgs
         e, m = cfg.eval, cfg.model
@@ -129,8 +134,19 @@ class _Runner:
         device = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         self.generator = self._workdir = None
+        # E must be one token under the delayed protocol: added below where the vocabulary lacks it
+        self._exec_tokens = sorted({c.rollout.execute_token for name, c in bcfgs.items()
+                                    if c.rollout.mode == "delayed" and domains.get(name) == "math"})
         if self.backend == "vllm" and model is None and registry.lookup("model", m.path) is None:
-            model, tokenizer = self._launch_vllm(dtype, echo)  # vLLM reads the weights itself
+            path = checkpoint_model_dir(m.path)  # a training checkpoint: its model/
+            # vLLM reads a full model's weights itself; a LoRA adapter is loaded and merged here
+            # (below), then goes to an engine on the base's config through sync_weights.
+            if not is_adapter_dir(path):
+                model, tokenizer = self._launch_vllm(path, dtype, echo)
+            else:
+                from ihgrpo.rollout.vllm import import_vllm
+
+                import_vllm()  # vLLM missing: say so before loading the weights
         if model is None:
             t0 = time.perf_counter()
             model, tokenizer = load_model_and_tokenizer(m.path, dtype=dtype, trust_remote_code=m.trust_remote_code,
@@ -139,6 +155,8 @@ class _Runner:
                  f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
         elif tokenizer is None:
             raise EvalError("a tokenizer is needed with a model object")
+        for token in self._exec_tokens:
+            add_protocol_tokens(model, tokenizer, token)
         self.tokenizer = tokenizer
         self.eos = eos_token_ids(model, tokenizer)
         if not self.eos:
@@ -160,28 +178,28 @@ class _Runner:
         self.engines: dict[str, Any] = {}
 
     def _vllm_options(self, dtype: str) -> dict:
-        from ihgrpo.rollout.vllm import logprobs_mode_for
+        from ihgrpo.rollout.backends import vllm_options
 
-        r = self.cfg.rollout
-        opts = {"dtype": dtype, "seed": self.cfg.seed, "logprobs_mode": logprobs_mode_for(r.temperature),
-                "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
-                "trust_remote_code": self.cfg.model.trust_remote_code}
-        if r.vllm_max_model_len is not None:
-            opts["max_model_len"] = r.vllm_max_model_len
-        return opts
+        return vllm_options(self.cfg.rollout, dtype=dtype, seed=self.cfg.seed,
+                            trust_remote_code=self.cfg.model.trust_remote_code)
 
-    def _launch_vllm(self, dtype: str, echo):
-        """A vLLM engine on cfg.model.path; returns (a stand-in carrying the generation config,
+    def _launch_vllm(self, path: str, dtype: str, echo):
+        """A vLLM engine on the model directory or name `path`; returns (a stand-in carrying the generation config,
         the tokenizer): only those are loaded here."""
         import types
 
         from ihgrpo.models import load_tokenizer_and_generation_config
         from ihgrpo.rollout.vllm import VLLMGenerator, import_vllm
+        from ihgrpo.vocab import single_token_id
 
         import_vllm()  # a one-line error naming the extra before anything is loaded
-        path = self.cfg.model.path
         tokenizer, generation_config = load_tokenizer_and_generation_config(
             path, trust_remote_code=self.cfg.model.trust_remote_code)
+        missing = [t for t in self._exec_tokens if single_token_id(tokenizer, t) is None]
+        if missing:  # the engine's vocabulary comes from the folder: it cannot grow here
+            raise EvalError(f"{path}: the tokenizer has no {missing[0]!r} token, which the delayed protocol needs, "
+                            f"and the vLLM backend reads the model from the folder as it is; use --backend hf "
+                            f"(the token is added in memory), a checkpoint of `ihgrpo train`, or --protocol coupled")
         t0 = time.perf_counter()
         self.generator = VLLMGenerator.launch(path, **self._vllm_options(dtype))
         echo(f"started vLLM on {path} ({dtype}) in {time.perf_counter() - t0:.1f} s")
@@ -192,8 +210,9 @@ class _Runner:
 
         if bench.name not in self.engines:
             try:
-                engine = RolloutEngine(self.generator, self.tokenizer, None,
-                                       self.bcfgs[bench.name].rollout.rollout_config(), eos_token_ids=self.eos)
+                rcfg = self.bcfgs[bench.name].rollout.rollout_config()
+                engine = RolloutEngine(self.generator, self.tokenizer, None, rcfg, eos_token_ids=self.eos,
+                                       require_execute_token=bench.domain == "math" and rcfg.mode == "delayed")
             except ValueError as exc:  # e.g. an execute token the tokenizer splits
                 raise EvalError(f"{bench.name}: {' '.join(str(exc).split())}") from None
             if bench.domain == "math" and self.pool is None:
@@ -333,7 +352,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     todo = sum(len(pairs) for batches in plans.values() for pairs in batches)
     for b in benches:
         have = len(b.problems) * b.k - sum(len(x) for x in plans[b.name])
-        echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source})"
+        echo(f"{b.name}: {len(b.problems)} problems x k={b.k} ({b.domain}; {b.source}"
+             + (f"; {b.selection})" if b.selection else ")")
              + (f", {have} samples done" if have else ""))
     runner = display = None
     t_start = time.perf_counter()
@@ -341,7 +361,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     gen_time = 0.0
     try:
         if todo:
-            runner = _Runner(cfg, bcfgs, model, tokenizer, echo)
+            runner = _Runner(cfg, bcfgs, model, tokenizer, echo, {b.name: b.domain for b in benches})
             if progress:
                 display = EvalProgress(todo)
                 runner.generator.progress = display.on_generate
@@ -388,6 +408,8 @@ def _results(benches: list[Benchmark], ledger: SampleLedger, cfg: EvalConfig, bc
                                   "default" if rollout["instruction"] is None else
                                   "custom" if rollout["instruction"] == cfg.rollout.instruction else b.name)
         per[b.name] = {**m, "domain": b.domain, "source": b.source, "rollout": rollout}
+        if b.selection:
+            per[b.name]["selection"] = b.selection
     avgs = [v["avg@k"] for v in per.values()]
     settings = flat_settings(cfg)
     settings["model"] = _model_id(cfg.model.path)

@@ -41,17 +41,20 @@ def make_generator(backend: str, model, tokenizer, *, pad_token_id: int | None =
     return VLLMGenerator.for_model(model, tokenizer, **(vllm or {}))
 
 
-def vllm_options(rollout, *, output_dir: str | Path, dtype: str, seed: int, rank: int = 0,
-                 world: int = 1) -> dict[str, Any]:
-    """`VLLMGenerator.for_model` options from a config's rollout section, for this process: each
-    rank gets its own engine on its own device (vLLM's external launcher) and its own directory."""
+def vllm_options(rollout, *, dtype: str, seed: int, trust_remote_code: bool = False,
+                 output_dir: str | Path | None = None, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """`VLLMGenerator.launch` / `for_model` options from a config's rollout section (the one place
+    for training and evaluation). With `output_dir`, a training run's engine for this process: each
+    rank gets its own engine on its own device (vLLM's external launcher) and its own directory, and
+    sleeps during the update (rollout.vllm_sleep_level). Without, an evaluation engine: never sleeps."""
     from .vllm import logprobs_mode_for
 
-    opts = {"workdir": Path(output_dir) / "vllm-engine" / f"rank{rank}", "distributed": world > 1,
-            "seed": seed + rank, "sleep_level": rollout.vllm_sleep_level,
-            "logprobs_mode": logprobs_mode_for(rollout.temperature),
+    opts = {"seed": seed + rank, "logprobs_mode": logprobs_mode_for(rollout.temperature),
             "gpu_memory_utilization": rollout.vllm_gpu_memory_utilization,
-            "dtype": "bfloat16" if dtype == "auto" else dtype}
+            "dtype": "bfloat16" if dtype == "auto" else dtype, "trust_remote_code": trust_remote_code}
     if rollout.vllm_max_model_len is not None:
         opts["max_model_len"] = rollout.vllm_max_model_len
+    if output_dir is not None:
+        opts.update(workdir=Path(output_dir) / "vllm-engine" / f"rank{rank}", distributed=world > 1,
+                    sleep_level=rollout.vllm_sleep_level)
     return opts

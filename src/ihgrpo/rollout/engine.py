@@ -22,6 +22,7 @@ from typing import Any
 from ihgrpo.protocol import (EXECUTE_TOKEN, Mode, TurnEnd, answer_before_execute, build_prompt,
                              coupled_block_end, extract_boxed, format_observation, is_void,
                              next_action, pending_blocks)
+from ihgrpo.vocab import single_token_id
 
 from .generator import GenerationOutput, Generator, SamplingParams, derive_seed
 
@@ -91,6 +92,8 @@ class RolloutConfig:
     max_response_tokens: int = 8000  # model + observation tokens after the prompt
     max_tokens_per_turn: int | None = None  # None: up to the response budget
     max_observation_tokens: int = 256
+    # prompt + response + observations (the release's 16,000-token context); None: no limit of its own
+    max_context_tokens: int | None = None
     observation_max_chars: int = 2048
     exec_timeout_s: float | None = None  # None: the pool's timeout
     # None: a round waits for every execution, so batches (and seeded samples) do not depend on
@@ -112,21 +115,33 @@ class RolloutConfig:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
+        if self.max_context_tokens is not None and self.max_context_tokens < 1:
+            raise ValueError(f"max_context_tokens must be >= 1 (or None), got {self.max_context_tokens}")
+
+
+# A tokenizer without a chat template (a base model): the user content in this plain frame,
+# after the tokenizer's BOS token when it has one.
+PLAIN_PROMPT = "User: {content}\nAssistant:"
 
 
 class ChatFormat:
-    """Prompt ids through the tokenizer's chat template; observation ids at the token level."""
+    """Prompt ids through the tokenizer's chat template (else :data:`PLAIN_PROMPT`); observation
+    ids at the token level.
+
+    ``execute_token_id`` is None when the vocabulary has no single execute token, which only
+    ``require_execute_token=False`` allows (the coupled protocol never uses E).
+    """
 
     def __init__(self, tokenizer, *, execute_token: str = EXECUTE_TOKEN, enable_thinking: bool = False,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, require_execute_token: bool = True):
         self.tokenizer = tokenizer
         self.enable_thinking = enable_thinking
-        ids = tokenizer.encode(execute_token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"the execute token {execute_token!r} must be one token of the "
-                             f"vocabulary; the tokenizer splits it into {ids}")
         self.execute_token = execute_token
-        self.execute_token_id = ids[0]
+        self.execute_token_id = single_token_id(tokenizer, execute_token)
+        if self.execute_token_id is None and require_execute_token:
+            raise ValueError(f"the execute token {execute_token!r} must be one token of the vocabulary; the "
+                             f"tokenizer splits it into {tokenizer.encode(execute_token, add_special_tokens=False)} "
+                             f"(training and `ihgrpo eval` add it: ihgrpo.vocab.add_protocol_tokens)")
         eos = list(eos_token_ids or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -142,8 +157,10 @@ class ChatFormat:
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                       enable_thinking=self.enable_thinking)
-        else:  # a plain LM: the instruction is the prompt
-            text = user_content
+        else:  # a base model: a plain frame, so that the answer starts after "Assistant:"
+            bos = self.tokenizer.bos_token_id
+            return ([bos] if bos is not None else []) + self.tokenizer.encode(
+                PLAIN_PROMPT.replace("{content}", user_content), add_special_tokens=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -188,12 +205,16 @@ class RolloutEngine:
     """Runs G rollouts per question through the delayed or coupled protocol."""
 
     def __init__(self, generator: Generator, tokenizer, pool, config: RolloutConfig | None = None, *,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, require_execute_token: bool | None = None):
+        """``require_execute_token``: None = only the delayed protocol needs E in the vocabulary."""
         self.generator = generator
         self.pool = pool
         self.config = config or RolloutConfig()
+        if require_execute_token is None:
+            require_execute_token = Mode(self.config.mode) is Mode.DELAYED
         self.chat = ChatFormat(tokenizer, execute_token=self.config.execute_token,
-                               enable_thinking=self.config.enable_thinking, eos_token_ids=eos_token_ids)
+                               enable_thinking=self.config.enable_thinking, eos_token_ids=eos_token_ids,
+                               require_execute_token=require_execute_token)
         self._batches = itertools.count()
         self._run_id = uuid.uuid4().hex[:8]
         self.last_timing: dict[str, float] = {}
@@ -230,6 +251,9 @@ class RolloutEngine:
                                      stop_strings=stop_strings, seed=params.seed)
         per_turn = cfg.max_tokens_per_turn or cfg.max_response_tokens
         window = {t.uid: "" for t in trajs}  # model text since the last execution
+        for t in trajs:
+            if not t.done and self._room(t) <= 0:  # the prompt alone fills the context
+                t.truncated = True
         partial: dict[str, list] = {}  # coupled: a turn continued after a non-python fence closed
         ready = [t for t in trajs if not t.done]
         running: dict[cf.Future, tuple[Trajectory, TurnRecord]] = {}
@@ -248,7 +272,7 @@ class RolloutEngine:
             while ready or running:
                 if ready:
                     t0 = time.perf_counter()
-                    budgets = [min(per_turn, cfg.max_response_tokens - len(t.response_ids)) for t in ready]
+                    budgets = [min(per_turn, self._room(t)) for t in ready]
                     outs = []
                     step = cfg.max_batch_rows or len(ready)
                     for c in range(0, len(ready), step):  # at most max_batch_rows rows per call
@@ -326,7 +350,7 @@ class RolloutEngine:
             end = TurnEnd.EXECUTE
         elif out.finish_reason == "stop_token" and last in self.chat.eos_token_ids:
             end = TurnEnd.EOS
-        elif out.finish_reason == "stop_string" and coupled and len(traj.response_ids) < cfg.max_response_tokens \
+        elif out.finish_reason == "stop_string" and coupled and self._room(traj) > 0 \
                 and len(turn_ids) < (cfg.max_tokens_per_turn or cfg.max_response_tokens):
             partial[traj.uid] = turn_ids  # a non-python fence closed: keep generating this turn
             return "continue"
@@ -338,7 +362,7 @@ class RolloutEngine:
         traj.turns.append(record)
         window[traj.uid] += text
         action = next_action(end, len(traj.turns), cfg.max_turns)
-        out_of_room = action == "execute" and len(traj.response_ids) >= cfg.max_response_tokens
+        out_of_room = action == "execute" and self._room(traj) <= 0
         if end is TurnEnd.BUDGET or out_of_room:  # no room left for an observation and a reply
             traj.truncated = True
             return None
@@ -359,6 +383,15 @@ class RolloutEngine:
             return "continue" if not traj.done else None
         record.code = "\n".join(blocks)
         return record.code, record
+
+    def _room(self, traj: Trajectory) -> int:
+        """Tokens the trajectory may still add: the response budget, and the context budget
+        (which counts the prompt too)."""
+        cfg = self.config
+        room = cfg.max_response_tokens - len(traj.response_ids)
+        if cfg.max_context_tokens is not None:
+            room = min(room, cfg.max_context_tokens - len(traj.prompt_ids) - len(traj.response_ids))
+        return room
 
     def _block_cut(self, window_text: str, prev_ids: list[int], ids: list[int]) -> int | None:
         """Coupled protocol: how many of the new `ids` the turn keeps when a python block closed in
@@ -391,7 +424,7 @@ class RolloutEngine:
             record.ok, record.timed_out = bool(result.ok), bool(result.timed_out)
             record.state_lost = bool(getattr(result, "state_lost", False))
             record.exec_time_s = float(getattr(result, "duration_s", 0.0))
-        if len(traj.response_ids) + len(ids) >= cfg.max_response_tokens:
+        if len(ids) >= self._room(traj):
             traj.truncated = True  # no room to continue after the observation
             return
         traj.response_ids += ids

@@ -135,6 +135,19 @@ class VLLMGenerator(Generator):
         if in_process or distributed:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if distributed:
+            # One independent engine per rank, read in vLLM 0.32.0's source: with the external
+            # launcher, initialize_model_parallel lays the torchrun world out as ExternalDP x DP x
+            # PP x PCP x TP, and "ExternalDP" ranks "generate independently" (parallel_state.py);
+            # tensor/pipeline/data parallel sizes of 1 make each rank its own group of one. Not
+            # data_parallel_size=world, as examples/offline_inference/torchrun_dp_example.py does for
+            # an MoE model: then every engine step all-reduces whether any DP rank has requests
+            # left (LLMEngine.has_unfinished_requests_dp) and idle ranks run dummy batches, so ranks
+            # making different numbers of generate calls (multi-turn rollouts) would hang.
+            # The only cross-rank collective left is at start-up (the free-memory MIN, executed by
+            # every rank as it builds its engine).
+            for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+                if engine_kwargs.setdefault(key, 1) != 1:
+                    raise ValueError(f"one vLLM engine per rank needs {key}=1, got {engine_kwargs[key]}")
             engine_kwargs["distributed_executor_backend"] = "external_launcher"
         if sleep_level:
             engine_kwargs["enable_sleep_mode"] = True
@@ -272,10 +285,21 @@ def _base_model(model):
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
+def _has_peft_layers(model) -> bool:
+    """Whether PEFT injected layers into `model` (a LoRA layer or a modules_to_save copy). The
+    trainer trains and syncs the injected model itself (Adapters.model), not the PeftModel."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # no peft: nothing can have been injected
+        return False
+    return any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in model.modules())
+
+
 def engine_weights(model) -> Iterator[tuple[str, Any]]:
     """`model`'s parameters under its Hugging Face checkpoint names, for ``load_weights``.
 
-    A PEFT model gives its base model's names with every active LoRA adapter merged in
+    A PEFT model (or a model with PEFT's layers injected) gives its base model's names with every active LoRA adapter merged in
     (W + get_delta_weight), computed here: the model is not modified (merging and unmerging in
     place would drift the trainer's weights by rounding). modules_to_save copies replace the
     originals. Tied parameters come once, as ``named_parameters`` lists them.
@@ -283,7 +307,7 @@ def engine_weights(model) -> Iterator[tuple[str, Any]]:
     import torch
 
     base = _base_model(model)
-    peft = base is not model
+    peft = _has_peft_layers(base)  # a PeftModel, or the model with its adapters injected
     deltas: dict[str, Any] = {}
     if peft:
         for name, module in base.named_modules():
