@@ -1,18 +1,31 @@
-"""Rollout throughput: HFGenerator against plain `model.generate`, and (to come) multi-turn.
+"""Rollout throughput: HFGenerator against `model.generate`, its cost per length, and multi-turn.
 
-Single-turn part: the same work for both, on a Qwen3-architecture model with random weights
-(nothing is downloaded): a batch of prompts of different lengths (left-padded), sampling at
-temperature 1 with no top-k / top-p and no stops, exactly --new-tokens tokens per row
-(`min_new_tokens` = `max_new_tokens` for `generate`). Timed: the whole call, prompt in, tokens
-out, after one warm-up call each; the two are interleaved over --reps repetitions; reported:
-the median, in generated tokens per second, and the ratio HFGenerator / generate.
+Decoding cost by length (--lengths): 16 rows, prompts of 16..200 tokens (left-padded), sampling at
+temperature 1 with no top-k / top-p and no stops, exactly N new tokens per row. On the CPU: a
+random 2-layer Qwen3 (hidden 256, 4 query / 2 key-value heads of 64, a 640-token vocabulary like
+the demo's, 8k+ positions), float32, 1 thread; on a GPU (the default when one is visible) a
+random Qwen3-0.6B-shaped model in bfloat16, 64 rows. Printed, side by side in one run:
+* a length table (256, 512, 1,024, 2,048, 4,096 new tokens; 8,192 with --long) of HFGenerator's
+  tokens/s and its ratio to 256 tokens;
+* at --ref-length (2,048) tokens: HFGenerator vs itself at 256 (target >= 0.4x), vs transformers'
+  `model.generate(cache_implementation="static")` on the same model and rows (target >= 1.0x,
+  goal 1.5x; on a GPU also `generate` with its default dynamic cache), and HFGenerator with
+  transformers' DynamicCache (`kv_cache="dynamic"`, the path before the BufferCache).
+The 256- and 2,048-token runs are interleaved over --reps repetitions (median); the other
+lengths run once. Every call is timed whole, prompt in, tokens out, after a short warm-up.
+
+Single turn (the default part): the same work for HFGenerator and `model.generate` at
+--new-tokens tokens, on a Qwen3-architecture model (152k vocabulary), interleaved over --reps.
 
 Finished-row removal (--compaction): rows with different budgets (from --new-tokens / 8 up
 to --new-tokens), HFGenerator with finished rows removed as soon as one finishes
 (compact_fraction 0, the default), when at least a quarter of the batch has finished, and never
 (compact_fraction 1).
 
-    python bench/rollout.py                               # CPU, float32
+    python bench/rollout.py --lengths                     # CPU: the length table and targets
+    python bench/rollout.py --lengths --long              # ... up to 8,192 new tokens
+    python bench/rollout.py --lengths --device cuda       # GPU: batch 64 vs model.generate
+    python bench/rollout.py                               # single turn, CPU, float32
     python bench/rollout.py --device cuda --dtype bfloat16 --batch 32
     python bench/rollout.py --vocab 32000 --compaction
 """
@@ -34,10 +47,9 @@ def build_model(args) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.Qwen3Config(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 128),
-        head_dim=64, intermediate_size=3 * args.hidden, max_position_embeddings=4096,
-        tie_word_embeddings=True)
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, intermediate_size=args.intermediate,
+        max_position_embeddings=args.max_positions, tie_word_embeddings=True)
     dtype = getattr(torch, args.dtype)
     return transformers.Qwen3ForCausalLM(cfg).to(device=args.device, dtype=dtype).eval()
 
@@ -54,16 +66,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_hf_generate(model, prompts, new_tokens: int, device: str, seed: int) -> int:
-    """`model.generate` on the left-padded batch; returns the number of generated tokens."""
+def run_hf_generate(model, prompts, new_tokens: int, device: str, seed: int,
+                    cache_implementation: str | None = None) -> int:
+    """`model.generate` on the left-padded batch; returns the number of generated tokens.
+    `cache_implementation`: None (its default, a dynamic cache) or e.g. "static"."""
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0)
+                             min_new_tokens=new_tokens, pad_token_id=0, **extra)
     _sync(device)
     n = out.shape[1] - P
     assert n == new_tokens, (n, new_tokens)
@@ -121,6 +136,82 @@ def single_turn(args, model) -> None:
         for k, ts in times.items():
             med = statistics.median(ts)
             print(f"  {k:20s}: {med * 1000:8.1f} ms  {sum(budgets) / med:9.1f} tok/s")
+
+
+def decode_lengths(args, model) -> None:
+    """Tokens/s by length, and the side-by-side comparisons at --ref-length (module docstring)."""
+    prompts = make_prompts(args)
+    base, ref = 256, args.ref_length
+    lengths = sorted({256, 512, 1024, 2048, 4096, ref} | ({8192} if args.long else set()))
+    ours = HFGenerator(model, seed=0)
+    before = HFGenerator(model, seed=0, kv_cache="dynamic")
+    impls = ["static"] + (["dynamic"] if args.device.startswith("cuda") else [])
+    # On a shared CPU, wall time counts the time other processes held the core; with one thread,
+    # the process's CPU time counts only ours, so both are shown (on a GPU, wall time only).
+    cpu = not args.device.startswith("cuda")
+    print(f"decoding by length: {args.batch} rows, prompts {args.prompt_min}..{args.prompt_max} "
+          f"tokens, temperature 1, no stops; {args.reps} interleaved reps at {base} and {ref} "
+          "(median), one run at the other lengths")
+    run_ihgrpo(ours, prompts, 8, args.device, 0)  # warm-up
+    run_ihgrpo(before, prompts, 8, args.device, 0)
+    for impl in impls:
+        run_hf_generate(model, prompts, 8, args.device, 0, impl)
+
+    def rate(fn, *a) -> tuple[float, float]:
+        c0 = time.process_time()
+        dt, n = timed(fn, *a)
+        return n / dt, n / max(time.process_time() - c0, 1e-9)
+
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for r in range(args.reps):
+        runs.setdefault("ours@base", []).append(rate(run_ihgrpo, ours, prompts, base, args.device, r))
+        runs.setdefault("ours@ref", []).append(rate(run_ihgrpo, ours, prompts, ref, args.device, r))
+        for impl in impls:
+            runs.setdefault(impl, []).append(
+                rate(run_hf_generate, model, prompts, ref, args.device, r, impl))
+    if not args.skip_before:
+        runs["before@base"] = [rate(run_ihgrpo, before, prompts, base, args.device, 0)]
+        runs["before@ref"] = [rate(run_ihgrpo, before, prompts, ref, args.device, 0)]
+    med = {k: (statistics.median(x for x, _ in v), statistics.median(c for _, c in v))
+           for k, v in runs.items()}
+
+    table = {base: med["ours@base"], ref: med["ours@ref"]}
+    for n in lengths:
+        if n not in table:
+            table[n] = rate(run_ihgrpo, ours, prompts, n, args.device, 0)
+    b = table[base]
+    print(f"  {'new tokens':>10} | {'tok/s (wall)':>12} | {'vs 256':>6}"
+          + (f" | {'tok/s (CPU time)':>16} | {'vs 256':>6}" if cpu else ""))
+    for n in lengths:
+        w, c = table[n]
+        print(f"  {n:>10} | {w:12.1f} | {w / b[0]:5.2f}x"
+              + (f" | {c:16.1f} | {c / b[1]:5.2f}x" if cpu else ""))
+
+    def show(label: str, key: str) -> None:
+        runs_s = ", ".join(f"{w:.0f}" for w, _ in runs[key])
+        extra = f" | {med[key][1]:8.1f} tok/s of CPU time" if cpu else ""
+        print(f"  {label:<46} {med[key][0]:8.1f} tok/s (runs: {runs_s}){extra}")
+
+    def ratio(a: str, b: str) -> str:
+        return (f"{med[a][0] / med[b][0]:.2f}x"
+                + (f" (CPU time: {med[a][1] / med[b][1]:.2f}x)" if cpu else ""))
+
+    print(f"side by side at {base} and {ref} new tokens:")
+    show(f"HFGenerator (BufferCache) at {base}", "ours@base")
+    show(f"HFGenerator (BufferCache) at {ref}", "ours@ref")
+    for impl in impls:
+        show(f'generate(cache_implementation="{impl}") at {ref}' if impl != "dynamic"
+             else f"generate (default dynamic cache) at {ref}", impl)
+    if not args.skip_before:
+        show(f"HFGenerator with DynamicCache (before) at {base}", "before@base")
+        show(f"HFGenerator with DynamicCache (before) at {ref}", "before@ref")
+    print(f"  ours at {ref} / ours at {base}: {ratio('ours@ref', 'ours@base')}  [target >= 0.4]")
+    for impl in impls:
+        target = "  [target >= 1.0, goal 1.5]" if impl == "static" else ""
+        print(f"  ours / generate[{impl}] at {ref}: {ratio('ours@ref', impl)}{target}")
+    if not args.skip_before:
+        print(f"  before at {ref} / before at {base}: {ratio('before@ref', 'before@base')}; "
+              f"ours / before at {ref}: {ratio('ours@ref', 'before@ref')}")
 
 
 # ==================================================================================
@@ -199,32 +290,71 @@ def multi_turn(args, model) -> None:
               f"{toks / wall:6.1f} model tok/s | executions ok {ok}/{2 * len(trajs)}")
 
 
+# Model and batch defaults by part: (CPU, GPU) for --lengths, one set for the single-turn part.
+# On the CPU: the single-turn model's shape (4 / 2 heads of 64, as Qwen3 shares kv heads) with
+# 2 layers and a demo-sized vocabulary, the issue's "random 2-layer Qwen3 with 8k positions".
+# The demo model's own shape: --hidden 160 --heads 5 --kv-heads 5 --head-dim 32 --intermediate 640.
+_LENGTHS_CPU = dict(vocab=640, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
+                    intermediate=768, batch=16, dtype="float32", threads=1)
+_LENGTHS_GPU = dict(vocab=151_936, hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
+                    intermediate=3072, batch=64, dtype="bfloat16", threads=0)
+_SINGLE_TURN = dict(vocab=151_936, hidden=256, layers=4, heads=None, kv_heads=None, head_dim=64,
+                    intermediate=None, batch=8, dtype="float32", threads=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--vocab", type=int, default=151_936)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--vocab", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int, help="attention heads (default: hidden / 64)")
+    ap.add_argument("--kv-heads", type=int, help="key/value heads (default: hidden / 128)")
+    ap.add_argument("--head-dim", type=int)
+    ap.add_argument("--intermediate", type=int, help="MLP width (default: 3 x hidden)")
+    ap.add_argument("--batch", type=int)
     ap.add_argument("--prompt-min", type=int, default=16)
     ap.add_argument("--prompt-max", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    ap.add_argument("--reps", type=int, help="repetitions (default: 5; 2 with --lengths)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (0: torch's default; "
+                    "default 1 with --lengths on the CPU)")
+    ap.add_argument("--lengths", action="store_true",
+                    help="decoding cost by length instead of the single-turn part")
+    ap.add_argument("--long", action="store_true", help="with --lengths: also 8,192 new tokens")
+    ap.add_argument("--ref-length", type=int, default=2048,
+                    help="with --lengths: the length of the side-by-side comparisons")
+    ap.add_argument("--skip-before", action="store_true",
+                    help="with --lengths: do not time HFGenerator with a DynamicCache")
     ap.add_argument("--compaction", action="store_true",
                     help="also time finished-row removal on rows with different budgets")
     ap.add_argument("--multi-turn", action="store_true", help="also run the multi-turn part")
     args = ap.parse_args()
+    defaults = (_SINGLE_TURN if not args.lengths
+                else _LENGTHS_GPU if args.device.startswith("cuda") else _LENGTHS_CPU)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.heads = args.heads or max(1, args.hidden // 64)
+    args.kv_heads = args.kv_heads or max(1, args.hidden // 128)
+    args.intermediate = args.intermediate or 3 * args.hidden
+    args.reps = args.reps or (2 if args.lengths else 5)
+    longest = max(8192 if args.long else 4096, args.ref_length) if args.lengths else args.new_tokens
+    args.max_positions = max(8192, args.prompt_max + longest)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: Qwen3 architecture, random weights, hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {args.vocab}, {n_params / 1e6:.1f}M parameters, {args.device} {args.dtype}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{args.heads}/{args.kv_heads} heads (q/kv) of {args.head_dim}, vocab {args.vocab}, "
+          f"{args.max_positions} positions, {n_params / 1e6:.1f}M parameters, {args.device} "
+          f"{args.dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads")
+    if args.lengths:
+        decode_lengths(args, model)
+        return
     single_turn(args, model)
     if args.multi_turn:
         multi_turn(args, model)

@@ -4,12 +4,17 @@ One call of :meth:`HFGenerator.generate` runs the whole batch in lock step:
 
 * **Prefill.** The prefixes are left-padded into one ``[B, P]`` tensor with a 2-D attention
   mask and explicit ``position_ids`` (``cumsum(mask) - 1``, so every prefix starts at position
-  0 whatever its padding), and go through *one* forward pass with a fresh ``DynamicCache`` and
+  0 whatever its padding), and go through *one* forward pass with a fresh cache and
   ``logits_to_keep=1`` (only the last position's logits are computed: with a 152k vocabulary the
   output layer over all prefix positions would dominate the prefill).
-* **Decode.** Then one token per step for all live rows: input ``[b, 1]``, the mask grown by
-  one column, ``position_ids`` = each row's own next position. The cache position (the column
-  in the cache) is shared by all rows and the model derives it from the cache length.
+* **Decode.** Then one token per step for all live rows: input ``[b, 1]``, the next column of a
+  preallocated mask, ``position_ids`` = each row's own next position. The cache position (the
+  column in the cache) is shared by all rows and the model derives it from the cache length.
+* **The cache** is a `BufferCache` (``kvcache.py``): keys and values are written into a buffer
+  allocated in large chunks and attention reads the filled columns only, so a step costs the
+  model's own work, not a copy of the cache (transformers' ``DynamicCache`` concatenates the
+  whole cache at every step). Models it does not support (sliding-window or hybrid layers)
+  decode with a ``DynamicCache``, with a warning.
 * **Sampling** on the last position's logits, upcast to float32 (float64 models stay float64):
   temperature (0 = greedy argmax), top-k, then top-p (nucleus: the smallest set of most likely
   tokens whose probability reaches ``top_p``, on the top-k-renormalised distribution), drawn
@@ -21,10 +26,11 @@ One call of :meth:`HFGenerator.generate` runs the whole batch in lock step:
   ``"stop_string"``), or at its token budget (``"length"``). The model's EOS is *not* a stop
   unless the caller lists it in ``stop_token_ids``.
 * **Finished rows leave the batch.** Once enough rows have finished (``compact_fraction``), they
-  are removed from the batch, the attention mask and the KV cache (``Cache.batch_select_indices``)
-  so that they stop costing compute. Rows are independent in every op (attention is per row,
-  the rest is row-wise), so removing or keeping them never changes the other rows' results
-  beyond floating-point noise of differently shaped matmuls.
+  are removed from the batch, the attention mask and the KV cache (``Cache.batch_select_indices``,
+  which moves the kept rows inside the buffer) so that they stop costing compute. Rows are
+  independent in every op (attention is per row, the rest is row-wise), so removing or keeping
+  them never changes the other rows' results beyond floating-point noise of differently shaped
+  matmuls.
 
 Stop strings are matched on an incrementally decoded continuation: each step decodes only the
 few tokens since the last complete character (the approach of vLLM's incremental
@@ -46,12 +52,14 @@ compositions (the random stream is shared by the batch); greedy decoding is. Wit
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .generator import GenerationOutput, Generator, ProgressReporter, SamplingParams, check_seeds
+from .kvcache import BufferCache, buffer_cache_unsupported, is_buffer_cache
 
 __all__ = ["HFGenerator"]
 
@@ -66,6 +74,11 @@ _DTYPES = {
 # next token, at most this many tokens (a UTF-8 character has at most 4 bytes, so valid text is
 # complete well before; past that the bytes are invalid and are taken as they decode).
 _MAX_PENDING_TOKENS = 6
+
+
+def _warn_dynamic_cache(reason: str) -> None:
+    warnings.warn(f"HFGenerator: {reason}; decoding with transformers' DynamicCache instead (it "
+                  "copies the whole cache at every step)", RuntimeWarning, stacklevel=3)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -150,8 +163,12 @@ class HFGenerator(Generator):
             seed. ``None``: seeded from OS entropy.
         compact_fraction: finished rows are removed from the batch and the KV cache once they
             are at least this fraction of the rows still in it (``0``: as soon as one finishes;
-            ``1``: only when all have, i.e. never). Removal copies the cache once, about what
-            one decode step's ``DynamicCache`` update costs anyway.
+            ``1``: only when all have, i.e. never). Removal moves the rows after the first
+            removed one (a copy of their cache), once per removal.
+        kv_cache: ``"buffer"`` (default): keys and values in a preallocated `BufferCache`
+            (``rollout/kvcache.py``: no per-step copy, attention over the filled part only); a
+            model it does not support falls back to ``"dynamic"`` with a warning.
+            ``"dynamic"``: transformers' ``DynamicCache`` (a copy of the cache per step).
     """
 
     progress_every = 8  # `progress` (see Generator), when set, hears every this many decode steps and at the end
@@ -160,9 +177,11 @@ class HFGenerator(Generator):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | str | None = None,
                  pad_token_id: int | None = None, seed: int | None = None,
-                 compact_fraction: float = 0.0):
+                 compact_fraction: float = 0.0, kv_cache: str = "buffer"):
         if not 0.0 <= compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction}")
+        if kv_cache not in ("buffer", "dynamic"):
+            raise ValueError(f"kv_cache must be 'buffer' or 'dynamic', got {kv_cache!r}")
         dtype = _resolve_dtype(dtype)
         if device is not None:
             model = model.to(torch.device(device))
@@ -202,6 +221,11 @@ class HFGenerator(Generator):
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
+        # Why this model decodes with a DynamicCache (None: it uses a BufferCache).
+        self._no_buffer_cache = ("kv_cache='dynamic'" if kv_cache == "dynamic"
+                                 else buffer_cache_unsupported(model))
+        if kv_cache == "buffer" and self._no_buffer_cache is not None:
+            _warn_dynamic_cache(self._no_buffer_cache)
 
     # ------------------------------------------------------------------ public API
 
@@ -270,6 +294,9 @@ class HFGenerator(Generator):
         return limits
 
     def _new_cache(self):
+        """A fresh cache for one call: a `BufferCache` where the model supports it."""
+        if self._no_buffer_cache is None:
+            return BufferCache()
         from transformers import DynamicCache
 
         try:
@@ -316,7 +343,15 @@ class HFGenerator(Generator):
         lp_buf = torch.empty((B, T), dtype=torch.float32, device=dev)
 
         cache = self._new_cache()
+        buffered = is_buffer_cache(cache)
+        if buffered:
+            cache.plan(P, T)
         logits = self._forward(input_ids, mask[:, :P], position_ids, cache, last_only=True)
+        if buffered and cache.get_seq_length() != P:  # the model kept its keys elsewhere
+            self._no_buffer_cache = "the model did not store its keys and values with cache.update"
+            _warn_dynamic_cache(self._no_buffer_cache)
+            cache = self._new_cache()
+            logits = self._forward(input_ids, mask[:, :P], position_ids, cache, last_only=True)
         live = list(range(B))  # original row index of each batch row
         live_t = torch.arange(B, device=dev)
         next_pos = lens_t.clone()
