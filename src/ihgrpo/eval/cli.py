@@ -38,7 +38,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="settings file (model, rollout and eval sections, as in training configs); "
                              "the options and key=value settings override it")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder; rerun to resume")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder; rerun to resume. Several GPUs: torchrun --nproc_per_node N "
+                             "-m ihgrpo.cli eval ... (one process per GPU, the same samples as one process)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="settings by bare or dotted name: temperature, top_p, top_k, max_turns, "
                              "max_response_tokens, max_observation_tokens, exec_timeout_s, batch_size, seed, "
