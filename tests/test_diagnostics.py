@@ -81,3 +81,23 @@ def test_trainer_logs_the_diagnostic_only_when_asked(tmp_path):
     on = run(tmp_path / "on", "log.update_diagnostics=true")
     assert on["diag/e_positions"] > 0
     assert on["diag/q_kl_at_E"] > 0 and 0 < on["diag/e_share_at_E"] <= 1
+
+
+def test_logits_at_stay_float32_under_autocast():
+    """The probe's logits are float32 even inside the trainer's bf16 autocast (else q_kl reads rounding)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ihgrpo.diagnostics import logits_at
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=16, intermediate_size=64))
+    ids = torch.randint(0, 64, (2, 6))
+    select = torch.ones(2, 5, dtype=torch.bool)
+    plain = logits_at(model, ids, torch.ones_like(ids), select)
+    with torch.autocast("cpu", torch.bfloat16):
+        z = logits_at(model, ids, torch.ones_like(ids), select)
+    assert z.dtype == torch.float32 and z.shape == (10, 64)
+    hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state  # fp32 reference
+    assert torch.allclose(plain, model.lm_head(hidden)[:, :-1].reshape(-1, 64), atol=1e-5)

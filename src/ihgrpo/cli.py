@@ -78,7 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from ihgrpo.config import ConfigError
-    from ihgrpo.demo.pipeline import DemoSettings, run_compare, run_demo
+    from ihgrpo.demo.compare import run_compare
+    from ihgrpo.demo.pipeline import DemoSettings, run_demo
 
     if "OMP_NUM_THREADS" not in os.environ:
         # At most two threads: a 1-M-parameter model gains nothing from more, and oversubscribed

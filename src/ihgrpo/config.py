@@ -349,11 +349,8 @@ def _override(cfg: Any, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    data: Any = _parse_value(_field_type(cfg, parts), raw)
-    for part in reversed(parts):
-        data = {part: data}
-    _apply(cfg, data)
+    key = key.strip()
+    _apply_dotted(cfg, {key: _parse_value(_field_type(cfg, key.split(".")), raw)})
 
 
 def _apply_dotted(cfg: Any, values: dict[str, Any]) -> None:

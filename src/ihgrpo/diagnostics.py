@@ -65,8 +65,9 @@ def logits_at(model, input_ids: Tensor, attention_mask: Tensor, select: Tensor, 
     try:
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         h = hidden[:, :-1][select.bool()]
-        z = torch.nn.functional.linear(h.float(), head.weight.float(),
-                                       None if getattr(head, "bias", None) is None else head.bias.float())
+        with torch.autocast(h.device.type, enabled=False):  # float32 as said: autocast would round z to bf16
+            z = torch.nn.functional.linear(h.float(), head.weight.float(),
+                                           None if getattr(head, "bias", None) is None else head.bias.float())
     finally:
         model.train(was_training)
     return z / temperature

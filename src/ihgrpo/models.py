@@ -31,35 +31,29 @@ def load_model_and_tokenizer(path: str, *, dtype: str = "auto", trust_remote_cod
     """A causal LM and its tokenizer from a registered name, a local directory or a Hugging Face name."""
     if not path:
         raise ModelLoadError("no model given (model.path)")
+    from ihgrpo.precision import WEIGHT_DTYPES  # imports torch: not at module level
+
     loader = registry.lookup("model", path)
     if loader is not None:  # a named source, e.g. the demo's cached SFT start; auto: as it builds it
         model, tokenizer = loader()
-        return (model if dtype == "auto" else model.to(_torch_dtype(dtype))), tokenizer
+        return (model if dtype == "auto" else model.to(WEIGHT_DTYPES[dtype])), tokenizer
     path = checkpoint_model_dir(path)  # a training checkpoint: its model/
     if is_adapter_dir(path):  # a LoRA checkpoint: its base (loaded by this function) + the adapter, merged
         return _load_adapter_model(path, lambda base: load_model_and_tokenizer(
             base, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation))
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = _check_path(path)
-    torch_dtype = _torch_dtype(dtype)
     kw = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=WEIGHT_DTYPES[dtype], **kw)
     except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError...
         raise _load_error(path, local, exc) from None
     return model, tokenizer
 
-
-def _torch_dtype(dtype: str):
-    """model.dtype as a torch dtype (None for auto)."""
-    import torch
-
-    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def load_tokenizer_and_generation_config(path: str, *, trust_remote_code: bool = False):

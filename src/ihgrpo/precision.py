@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Precision", "precision_policy"]
+__all__ = ["Precision", "WEIGHT_DTYPES", "precision_policy"]
 
-_WEIGHTS = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class Precision:
 
 def precision_policy(dtype: str, device_type: str) -> Precision:
     """The policy of `model.dtype` = `dtype` on a `device_type` ("cuda", "cpu", ...) device."""
-    if dtype not in _WEIGHTS:
-        raise ValueError(f"model.dtype must be one of {', '.join(_WEIGHTS)}, got {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     if dtype == "auto" and device_type == "cuda":
         return Precision(torch.float32, torch.bfloat16)
-    return Precision(_WEIGHTS[dtype])
+    return Precision(WEIGHT_DTYPES[dtype])

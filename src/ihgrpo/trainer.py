@@ -359,7 +359,7 @@ class GRPOTrainer:
         metrics["time_tokens_per_s"] = metrics["rollout/response_tokens"] * len(all_trajs) / max(t_rollout, 1e-9)
         metrics["reward"] = metrics.pop("rollout/accuracy", 0.0)
         metrics.update({"groups_rolled": rolled, "groups_kept": n_kept,
-                        "groups_dropped_truncated": sum(self._gather_counts(dropped_truncated)),
+                        "groups_dropped_truncated": int(self._sum_across([dropped_truncated])[0]),
                         "time_rollout_s": t_rollout, **{f"time_{k}": v for k, v in self.engine.last_timing.items()}})
 
         t0 = time.perf_counter()

@@ -285,9 +285,3 @@ def _optional_figure(path: Path, log, plot) -> bool:
         return False
     return True
 
-
-def run_compare(out_dir, **kw) -> dict:
-    """``ihgrpo demo --compare`` (demo/compare.py)."""
-    from .compare import run_compare as run
-
-    return run(out_dir, **kw)
