@@ -245,3 +245,25 @@ def test_fallback_refuses_an_interpreter_the_unprivileged_uid_cannot_read():
         pool = SandboxPool(max_workers=1, warm=0, isolation="none")  # this very interpreter
     with pool, pytest.raises(sandbox_pkg.SandboxUnavailable, match="python="):
         pool.execute_sync("s", "1")
+
+
+def test_session_lifeline_above_fd_1023_is_read(tmp_path):
+    """A pool of a few hundred sessions holds descriptors numbered past 1023, where select() raises."""
+    import resource
+    import socket
+
+    from ihgrpo.sandbox.launch import SessionProcess
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1100:
+        pytest.skip("needs an open-file limit above 1100")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    high = socket.socket(fileno=os.dup2(ours.fileno(), 1050))
+    ours.close()
+    try:
+        proc = SessionProcess(None, None, high, pid_in_creds=False, timeout_s=1.0)
+        assert proc._drain(0.01) is False  # nothing said yet
+        theirs.send(b'{"pid": 4242}')
+        assert proc._drain(1.0) is True and proc._pid == 4242
+    finally:
+        high.close()
+        theirs.close()

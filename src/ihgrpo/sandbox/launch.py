@@ -24,6 +24,16 @@ from .isolation import SandboxUnavailable, boot_message
 log = logging.getLogger(__name__)
 
 
+def readable(files, timeout_s: float) -> list:
+    """The files (objects with fileno()) that can be read within `timeout_s`. poll, not select:
+    a pool of a few hundred sessions holds descriptors past 1023, where select() raises."""
+    poller = select.poll()
+    by_fd = {f.fileno(): f for f in files}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout_s) * 1000)]
+
+
 class SessionProcess:
     """A session forked by the zygote, behind the part of `subprocess.Popen` the pool uses.
 
@@ -75,7 +85,7 @@ class SessionProcess:
 
     def _drain(self, timeout: float | None) -> bool:
         """Read one message from the zygote if one comes within `timeout`; False if none did."""
-        if timeout is not None and not select.select([self.life], [], [], max(0.0, timeout))[0]:
+        if timeout is not None and not readable([self.life], timeout):
             return False
         try:
             data, anc, _, _ = self.life.recvmsg(256, socket.CMSG_SPACE(12))
@@ -173,7 +183,7 @@ class Zygote:
         msg = None
         try:
             ours.sendall(boot_message("zygote", settings))
-            if select.select([ours], [], [], self.startup_timeout_s)[0]:
+            if readable([ours], self.startup_timeout_s):
                 msg = json.loads(ours.recv(4096) or b"null")
         except (OSError, ValueError):
             msg = None

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from .isolation import (BASE_ENV, BOOTSTRAP, SANDBOX_HOME, SandboxUnavailable, boot_message,
                         bwrap_argv, resolve_isolation, tmp_binds)
-from .launch import Zygote
+from .launch import Zygote, readable
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ class _Worker:
         try:
             self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError) as exc:
+        except BrokenPipeError:  # it is gone: say how it died (its exit status), not "Broken pipe"
+            raise _WorkerDied("control pipe closed") from None
+        except (OSError, ValueError) as exc:
             raise _WorkerDied(str(exc)) from None
 
     def read(self, deadline: float) -> dict | None:
@@ -489,7 +491,7 @@ class SandboxPool:
             with self._lock:
                 pending = list(self._pending)
             if pending:
-                select.select([w.proc.stdout for w in pending], [], [], 0.01)
+                readable([w.proc.stdout for w in pending], 0.01)
             for worker in pending:
                 try:
                     state = self._confirm(worker, block=False)
