@@ -85,11 +85,10 @@ def _fingerprint(bench: Benchmark, bcfg: EvalConfig) -> tuple[str, dict]:
     return hashlib.sha256(blob.encode()).hexdigest()[:16], sampling
 
 
-def _check_ledger(ledger: SampleLedger, benches: list[Benchmark], bcfgs: dict, out: Path) -> None:
-    known_path = out / "eval_settings.json"
-    known = json.loads(known_path.read_text()) if known_path.exists() else {}
+def _check_ledger(ledger: SampleLedger, benches: list[Benchmark], prints: dict, known: dict, out: Path) -> None:
+    """prints: benchmark name -> (fingerprint, sampling settings); known: eval_settings.json as read."""
     for b in benches:
-        fp, sampling = _fingerprint(b, bcfgs[b.name])
+        fp, sampling = prints[b.name]
         for rec in ledger.for_benchmark(b.name):
             p = rec["problem"]
             if rec.get("fingerprint") != fp:
@@ -363,14 +362,14 @@ def _run_eval(cfg, out: Path, benchmarks, model, tokenizer, on_batch, echo, prog
         say(f"resuming: {len(ledger.records)} samples already in {out / LEDGER}"
             + (f" ({dropped} partial or duplicate lines dropped)" if main and dropped else "")
             + (f" ({merged} from the shards of a data-parallel run)" if main and merged else ""))
-    _check_ledger(ledger, benches, bcfgs, out)
     known_path = out / "eval_settings.json"
     known = json.loads(known_path.read_text()) if known_path.exists() else {}
+    prints = {b.name: _fingerprint(b, bcfgs[b.name]) for b in benches}
+    _check_ledger(ledger, benches, prints, known, out)
     fingerprints = {}
-    for b in benches:
-        fp, sampling = _fingerprint(b, bcfgs[b.name])
+    for name, (fp, sampling) in prints.items():
         known[fp] = sampling
-        fingerprints[b.name] = fp
+        fingerprints[name] = fp
     if main:
         atomic_write_text(known_path, json.dumps(known, indent=2))
 
