@@ -62,6 +62,15 @@ class Arm:
         return (self.method, float(self.lam), self.c_mask, int(seed))
 
 
+def _row_key(row: dict) -> tuple:
+    """A finished row's (method, lam, c_mask, seed), as :meth:`Arm.key` gives it."""
+    return row["method"], float(row["lam"]), row["c_mask"], int(row["seed"])
+
+
+def _arm_rows(arm: "Arm", runs: list[dict]) -> list[dict]:
+    return [r for r in runs if _row_key(r)[:3] == arm.key(0)[:3]]
+
+
 def parse_lams(text: str | None, flag: str = "--lams") -> tuple[float, ...]:
     """"0,1e-3,1" -> (0.0, 0.001, 1.0); a clear ValueError for anything else."""
     if text is None or not text.strip():
@@ -157,7 +166,7 @@ def run_compare(out_dir, *, overrides=(), seeds: int = 2, lams=(), coupled: bool
     budget = budget_of(settings, overrides, curve_evals)
     (out / "budget.json").write_text(json.dumps(budget, indent=2, default=str))
     runs_path = out / RUNS_FILE
-    done = {(r["method"], float(r["lam"]), r["c_mask"], int(r["seed"])): r for r in load_runs(runs_path, budget["id"])}
+    done = {_row_key(r): r for r in load_runs(runs_path, budget["id"])}
     heldout = heldout_problems(settings=settings)
     curve_problems = heldout[:settings.n_curve] if curve_evals > 0 else []
     before: dict[str, dict] = {}  # per protocol: the SFT start on the curve problems (step 0)
@@ -193,7 +202,7 @@ def write_outputs(out: Path, arms: list[Arm], runs: list[dict], budget: dict, *,
     """compare.json, compare.md, compare.png and compare_curves.png from finished rows."""
     table = {}
     for arm in arms:
-        rs = [r for r in runs if (r["method"], r["lam"], r["c_mask"]) == arm.key(0)[:3]]
+        rs = _arm_rows(arm, runs)
         m, lo, hi = mean_ci([r["accuracy"] for r in rs])
         table[arm.label] = {"method": arm.method, "lam": arm.lam, "c_mask": arm.c_mask, "accuracy_mean": m,
                             "accuracy_ci95": [lo, hi], "seeds": len(rs),
@@ -258,7 +267,7 @@ def plot_mean_curves(arms: list[Arm], runs: list[dict], path: Path,
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (part, key, title) in zip(axes.flat, panels):
         for arm in arms:
-            rs = [r for r in runs if (r["method"], r["lam"], r["c_mask"]) == arm.key(0)[:3]]
+            rs = _arm_rows(arm, runs)
             steps, m, lo, hi = mean_curve(rs, part, key)
             if not steps:
                 continue
