@@ -22,9 +22,11 @@ ITEMS = ["max_response_tokens=24", "max_turns=2", "sandbox_workers=1", "viewer_s
 
 
 def _torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(_free_port()), *args], check=check, timeout=300, env=ENV,
-                          capture_output=True, text=True)
+    run = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(_free_port()), *args], timeout=300, env=ENV,
+                         capture_output=True, text=True)
+    assert not check or run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    return run
 
 
 def _eval_args(model, bench, out) -> list[str]:

@@ -330,7 +330,11 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, *, benchmarks: list[str] | li
     out = Path(out_dir)
     world = EvalWorld.from_env()  # several processes under torchrun / accelerate launch
     try:
-        return _run_eval(cfg, out, benchmarks, model, tokenizer, on_batch, echo, progress, world, write_outputs)
+        results = _run_eval(cfg, out, benchmarks, model, tokenizer, on_batch, echo, progress, world, write_outputs)
+        # every rank past the last collective before the group goes (only on success: a failed rank must
+        # exit, not wait): a gloo group torn down while the peer still talks aborts the process at exit
+        world.barrier()
+        return results
     finally:
         world.close()
 
